@@ -1,0 +1,177 @@
+"""Patched-model checkpoints: safetensors weights plus the metadata that rebuilds the architecture.
+
+The metadata (all strings, as safetensors requires) records the source timm model
+name and kwargs, the recipe, the parameter counts and the versions that wrote the
+file. ``load_patched`` rebuilds the source architecture on the meta device, re-applies
+the recipe and loads the weights strictly by assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, SurgeryError
+from .models import (
+    check_fits,
+    create_model,
+    has_only_persistent_state,
+    load_into,
+    read_safetensors,
+    shapes_of,
+)
+from .plan import Plan, make_plan
+from .recipe import Recipe, recipe_from_dict
+
+FORMAT = "eca-surgery"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Patched:
+    """A patched model rebuilt from a checkpoint, with what the checkpoint says of it."""
+
+    model: nn.Module
+    plan: Plan
+    model_name: str
+    model_kwargs: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def make_metadata(plan: Plan, model_kwargs: dict[str, Any], source: str) -> dict[str, str]:
+    import timm
+
+    from . import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": plan.model,
+        "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
+        "recipe": plan.recipe.to_json(),
+        "source_weights": source,
+        "params_before": str(plan.params_before),
+        "params_after": str(plan.params_after),
+        "eca_surgery_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse an output path that exists (without ``force``) or whose folder does not."""
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(
+            f"Output {str(path)!r} is a directory; give a file name such as model.safetensors."
+        )
+    if path.exists() and not force:
+        raise SurgeryError(
+            f"Output {str(path)!r} already exists and was left untouched. "
+            "Pass --force to overwrite it, or choose another --output."
+        )
+    if not path.parent.is_dir():
+        raise SurgeryError(
+            f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
+        )
+    return path
+
+
+def save_patched(
+    model: nn.Module,
+    path: str | Path,
+    plan: Plan,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    source: str = "",
+    force: bool = False,
+) -> Path:
+    """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
+
+    The file is written to a temporary name beside ``path`` and renamed into place, so
+    an interrupted write never leaves a partial checkpoint and never damages the old one.
+    """
+    from safetensors.torch import save_file
+
+    path = check_output(path, force)
+    tensors = _unshared(model.state_dict())
+    metadata = make_metadata(plan, model_kwargs or {}, source)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no shared storage, as safetensors requires; keys unchanged."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach()
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if ptr in seen:
+            tensor = tensor.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = tensor.contiguous()
+    return out
+
+
+def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict[str, Any], Recipe]:
+    """Model name, kwargs and recipe from a checkpoint's metadata; error if it is not ours."""
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but was not written by eca-surgery "
+            "(its metadata has no 'format: eca-surgery'), so the patched architecture cannot "
+            "be rebuilt from it. Pass a file written by `eca-surgery convert`."
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} uses checkpoint format version {metadata.get('format_version')!r}; "
+            f"this eca-surgery reads version {FORMAT_VERSION}. Upgrade eca-surgery."
+        )
+    try:
+        kwargs = json.loads(metadata["model_kwargs"])
+        recipe = recipe_from_dict(json.loads(metadata["recipe"]), source=f"{path} metadata")
+        return metadata["model"], kwargs, recipe
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} has damaged eca-surgery metadata ({exc!r}); re-export it."
+        ) from None
+
+
+def open_patched(path: str | Path) -> Patched:
+    """Rebuild the patched model stored in ``path`` and load its weights strictly."""
+    from .apply import apply_plan
+
+    tensors, metadata = read_safetensors(path)
+    name, kwargs, recipe = read_metadata(metadata, path)
+    model = create_model(name, meta=True, **kwargs)
+    if not has_only_persistent_state(model):
+        model = create_model(name, **kwargs)
+    plan = make_plan(model, recipe, name)
+    apply_plan(model, plan)
+    check_fits(model, shapes_of(tensors), f"Checkpoint {str(path)!r}", f"{name} patched by its recipe")
+    load_into(model, tensors)
+    model.eval()
+    return Patched(model, plan, name, kwargs, metadata)
+
+
+def load_patched(path: str | Path) -> nn.Module:
+    """The patched model stored in ``path``, weights loaded strictly, in eval mode."""
+    return open_patched(path).model

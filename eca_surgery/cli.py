@@ -1,0 +1,213 @@
+"""The eca-surgery command line: a thin typer layer over ``eca_surgery.surgery``.
+
+torch and timm are imported inside the commands that need them, so ``--help`` and
+recipe commands start instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from .errors import SurgeryError
+
+app = typer.Typer(
+    name="eca-surgery",
+    help="Replace the Squeeze-and-Excitation blocks of timm models with ECA, as a YAML recipe says.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+out = Console()
+err = Console(stderr=True)
+
+RecipeOpt = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", help="Recipe YAML file, or the name of a bundled recipe (see `recipes`)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+
+
+@contextmanager
+def _user_errors():
+    """Turn SurgeryError into a one-paragraph message and exit code 1, with no traceback."""
+    try:
+        yield
+    except SurgeryError as exc:
+        err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"eca-surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Replace the Squeeze-and-Excitation blocks of timm models with ECA, as a YAML recipe says."""
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
+    recipe: RecipeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a model's SE blocks and, with --recipe, what the recipe would change. Writes nothing."""
+    with _user_errors():
+        from .recipe import load_recipe
+
+        parsed = load_recipe(recipe) if recipe else None
+        from .report import plan_to_dict, render_plan, render_se_blocks, render_totals, se_blocks_to_dict
+        from .surgery import inspect as inspect_model
+
+        result = inspect_model(model, parsed)
+        report = plan_to_dict(result.plan) if result.plan else _no_plan(model, result.params)
+        report["se_blocks"] = se_blocks_to_dict(result.se_blocks)
+        if json_out:
+            _print_json(report)
+            return
+        render_se_blocks(out, model, report["se_blocks"])
+        if result.plan:
+            render_plan(out, report)
+        render_totals(out, report)
+
+
+def _no_plan(model: str, params: int) -> dict[str, Any]:
+    from .report import totals_to_dict
+
+    return {**totals_to_dict(model, params, None), "edits": []}
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
+    recipe: RecipeOpt = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Where to write the patched .safetensors checkpoint."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--checkpoint", "-c", help="Source weights: a safetensors state_dict of MODEL."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for new ECA weights and the check input.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert MODEL as the recipe says, check a forward pass, and save a safetensors checkpoint."""
+    with _user_errors():
+        if recipe is None:
+            raise SurgeryError(
+                "convert needs --recipe: a recipe file or a bundled recipe name such as se-to-eca."
+            )
+        if output is None and not dry_run:
+            raise SurgeryError(
+                "convert needs --output FILE.safetensors (or --dry-run to only show the plan)."
+            )
+        from .recipe import load_recipe
+
+        parsed = load_recipe(recipe)
+        from .checkpoint import check_output, save_patched
+        from .report import plan_to_dict, render_plan, render_totals
+        from .surgery import convert as convert_model
+
+        if output is not None and not dry_run:
+            check_output(output, force)
+        result = convert_model(model, parsed, checkpoint=checkpoint, dry_run=dry_run, seed=seed)
+        if checkpoint is None and not dry_run:
+            err.print("Note: no --checkpoint given; the source weights are timm's random initialisation.")
+        report = plan_to_dict(result.plan)
+        report.update(source_weights=result.source, check=result.check, dry_run=dry_run)
+        if not dry_run:
+            path = save_patched(
+                result.model,
+                output,
+                result.plan,
+                model_kwargs=result.model_kwargs,
+                source=result.source,
+                force=force,
+            )
+            report["output"] = str(path)
+        if json_out:
+            _print_json(report)
+            return
+        render_plan(out, report)
+        render_totals(out, report)
+        if result.check:
+            out.print(
+                f"Forward check: input {tuple(result.check['input_shape'])} -> output "
+                f"{tuple(result.check['output_shape'])}, finite, same shape as the original."
+            )
+        if dry_run:
+            out.print("Dry run: nothing was written.")
+        else:
+            out.print(f"Wrote [bold]{escape(report['output'])}[/]")
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Rebuild a patched model from its checkpoint alone, load it strictly, and run it."""
+    with _user_errors():
+        from .report import plan_to_dict, render_plan, render_totals
+        from .surgery import verify as verify_checkpoint
+
+        patched, check = verify_checkpoint(path)
+        report = plan_to_dict(patched.plan)
+        report.update(
+            file=str(path),
+            check=check,
+            versions={k: patched.metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")},
+        )
+        if json_out:
+            _print_json(report)
+            return
+        render_plan(out, report)
+        render_totals(out, report)
+        out.print(
+            f"Verified {escape(str(path))}: weights load strictly into {report['model']} patched by its recipe; "
+            f"forward {tuple(check['input_shape'])} -> {tuple(check['output_shape'])}, finite."
+        )
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the bundled recipes, usable by name with --recipe."""
+    from rich.table import Table
+
+    with _user_errors():
+        from .recipe import bundled_recipes, load_recipe
+
+        table = Table("name", "description", title="Bundled recipes", title_justify="left")
+        for name, path in sorted(bundled_recipes().items()):
+            table.add_row(name, load_recipe(path).description or "")
+        out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,45 @@
+"""The ECA block and its adaptive kernel-size rule (ECA-Net, CVPR 2020)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+GATES = ("sigmoid", "hard_sigmoid")
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
+    """Kernel size of the paper's adaptive rule: ``|(log2(C) + b) / gamma|`` rounded to the nearest odd.
+
+    Unlike ``timm.layers.EcaModule(channels=...)``, no floor of 3 is applied, so a
+    block on few channels (C < 8 with the defaults) gets the paper's k = 1.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+def make_eca(
+    channels: int,
+    kernel_size: int | None = None,
+    gamma: float = 2,
+    b: float = 1,
+    gate: str | type[nn.Module] = "sigmoid",
+    device=None,
+    dtype=None,
+) -> nn.Module:
+    """Build an ECA block for ``channels`` channels.
+
+    This is timm's own ``EcaModule`` with the kernel size passed explicitly, so the
+    parameter is named ``conv.weight`` and a converted checkpoint loads key-for-key
+    into timm's ECA models. ``kernel_size`` (odd) overrides the adaptive rule.
+    """
+    from timm.layers import EcaModule
+
+    if kernel_size is None:
+        kernel_size = eca_kernel_size(channels, gamma, b)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"ECA kernel size must be a positive odd integer, got {kernel_size}")
+    return EcaModule(channels=None, kernel_size=kernel_size, gate_layer=gate, device=device, dtype=dtype)

@@ -1,0 +1,122 @@
+"""Reports: plans, SE blocks and parameter totals as JSON-ready dicts and as rich tables.
+
+The dict functions are the single source of what is reported; the rich renderers
+only lay those dicts out, so ``--json`` and the tables always agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .detect import SEBlock
+    from .plan import Plan
+
+
+def se_blocks_to_dict(blocks: list[SEBlock]) -> list[dict[str, Any]]:
+    from .plan import count_params
+
+    return [
+        {
+            "path": b.path,
+            "class": b.class_name,
+            "channels": b.channels,
+            "gate": b.gate.__name__ if b.gate else None,
+            "params": count_params(b.module),
+        }
+        for b in blocks
+    ]
+
+
+def totals_to_dict(model: str, params_before: int, plan: Plan | None) -> dict[str, Any]:
+    """The parameter totals, with or without a plan (without one nothing changes)."""
+    after = plan.params_after if plan else params_before
+    return {
+        "model": model,
+        "params_before": params_before,
+        "params_after": after,
+        "params_delta": after - params_before,
+        "params_delta_pct": round(100.0 * (after - params_before) / params_before, 4)
+        if params_before
+        else 0.0,
+        "params_removed": plan.params_removed if plan else 0,
+        "params_added": plan.params_added if plan else 0,
+    }
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as one JSON-ready object: totals, the recipe, matches per rule, every edit."""
+    return {
+        **totals_to_dict(plan.model, plan.params_before, plan),
+        "recipe": {"source": plan.recipe.source, "name": plan.recipe.name},
+        "rule_matches": list(plan.rule_matches),
+        "edits": [e.to_dict() for e in plan.edits],
+    }
+
+
+def _short(cls: str) -> str:
+    return cls.rsplit(".", 1)[-1]
+
+
+def _signed(n: int) -> str:
+    return f"{n:+,}"
+
+
+def render_se_blocks(console: Console, model: str, blocks: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    if not blocks:
+        console.print(f"[bold]{model}[/] has no SE blocks.")
+        return
+    table = Table(title=f"SE blocks of {model} ({len(blocks)})", title_justify="left")
+    table.add_column("path")
+    table.add_column("class")
+    table.add_column("channels", justify="right")
+    table.add_column("gate")
+    table.add_column("params", justify="right")
+    for b in blocks:
+        table.add_row(b["path"], _short(b["class"]), str(b["channels"]), b["gate"] or "-", f"{b['params']:,}")
+    console.print(table)
+
+
+def render_plan(console: Console, report: dict[str, Any]) -> None:
+    """Print the edits table of a ``plan_to_dict`` report."""
+    from rich.table import Table
+
+    recipe = report["recipe"]["name"] or report["recipe"]["source"]
+    matches = ", ".join(f"rule {i + 1}: {n}" for i, n in enumerate(report["rule_matches"]))
+    table = Table(
+        title=f"Plan for {report['model']} with {recipe} ({matches} matched)",
+        title_justify="left",
+    )
+    table.add_column("path")
+    table.add_column("edit", no_wrap=True)
+    table.add_column("channels", justify="right")
+    table.add_column("k", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("new params", justify="right")
+    for e in report["edits"]:
+        table.add_row(
+            e["path"],
+            f"{e['action']} {_short(e['old_class'])} -> {_short(e['new_class'])}",
+            str(e["channels"]),
+            str(e["kernel_size"]),
+            f"{e['params_before']:,}",
+            f"{e['params_after']:,}",
+        )
+    console.print(table)
+
+
+def render_totals(console: Console, report: dict[str, Any]) -> None:
+    """Print parameter totals: before, after, delta and percent, removed vs added."""
+    console.print(
+        f"Parameters: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({_signed(report['params_delta'])}, {report['params_delta_pct']:+.2f}%)"
+    )
+    if report["params_removed"] or report["params_added"]:
+        console.print(
+            f"SE parameters removed: {report['params_removed']:,}; "
+            f"ECA parameters added: {report['params_added']:,}"
+        )

@@ -1,0 +1,33 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+
+class ArticleECABlock(nn.Module):
+    """The reference ECA block of the article (eca-article.txt), kept verbatim in its logic."""
+
+    def __init__(self, channels, gamma=2, b=1):
+        super().__init__()
+        kernel_size = int(abs((math.log(channels, 2) + b) / gamma))
+        kernel_size = kernel_size if kernel_size % 2 else kernel_size + 1
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        v = self.avg_pool(x)
+        v = self.conv(v.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        v = self.sigmoid(v)
+        return x * v
+
+
+@pytest.fixture
+def article_eca():
+    return ArticleECABlock
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
