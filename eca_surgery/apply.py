@@ -1,37 +1,117 @@
-"""Carry out a plan: put each edit's new module into the model, in place."""
+"""Carry out a plan: put each edit's ECA block into the model, in place.
+
+Replacements and filled attention slots take the old module's attribute. An ECA
+inserted after (before) module ``P`` goes where the plan's ``eca_path`` says:
+
+* ``P.eca`` (``P.eca_before``) in a plain ``nn.Sequential`` ``P``: its last (first) element;
+* ``P.eca`` (``P.eca_before``) in any other module: run from a forward hook (pre-hook),
+  so it runs whatever the module's own ``forward`` does;
+* ``Q.NAME_eca`` (``Q.NAME_eca_before``) for a container ``P = Q.NAME`` that runs its own
+  children (DenseNet's DenseBlock): the element right after (before) it in its
+  Sequential parent ``Q``.
+
+Either way every original state_dict key and tensor is untouched.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .detect import qualified_name
 from .eca import make_eca
-from .plan import Plan
+from .locate import is_plain_sequential
+from .plan import Edit, Plan
+
+
+def _run_eca_after(module: nn.Module, args, output):
+    return module.eca(output)
+
+
+def _run_eca_before(module: nn.Module, args):
+    return (module.eca_before(args[0]), *args[1:])
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it.
 
-    Each replaced module is swapped at its own attribute path, so every other
-    state_dict key and tensor stays as it was. New ECA weights get PyTorch's default
-    Conv1d initialisation on the device and dtype of the module they replace (no
-    allocation on the meta device).
+    New ECA weights get PyTorch's default Conv1d initialisation, on the device and in
+    the dtype of the model's weights (nothing is allocated on the meta device).
     """
+    ref = next(model.parameters())
     for edit in plan.edits:
-        old = model.get_submodule(edit.path)
-        if qualified_name(type(old)) != edit.old_class:
-            raise RuntimeError(
-                f"plan does not fit the model: {edit.path} is {qualified_name(type(old))}, "
-                f"the plan expected {edit.old_class}"
-            )
-        ref = next(old.parameters(), None)
         eca = make_eca(
-            edit.channels,
-            kernel_size=edit.kernel_size,
-            gate=edit.gate,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
+            edit.channels, kernel_size=edit.kernel_size, gate=edit.gate, device=ref.device, dtype=ref.dtype
         )
-        eca.train(old.training)
-        model.set_submodule(edit.path, eca, strict=True)
+        eca.train(model.training)
+        if edit.position == "in-place":
+            _check_class(model, edit)
+            model.set_submodule(edit.path, eca, strict=True)
+        elif edit.position == "slot":
+            parent_path, _, name = edit.path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            delattr(parent, name)  # the slot may hold None (a plain attribute) or an nn.Identity
+            parent.add_module(name, eca)
+        else:
+            _insert(model, edit, eca)
     return model
+
+
+def _check_class(model: nn.Module, edit: Edit) -> None:
+    old = model.get_submodule(edit.path)
+    if qualified_name(type(old)) != edit.old_class:
+        raise RuntimeError(
+            f"plan does not fit the model: {edit.path} is {qualified_name(type(old))}, "
+            f"the plan expected {edit.old_class}"
+        )
+
+
+def _insert(model: nn.Module, edit: Edit, eca: nn.Module) -> None:
+    owner_path, _, name = edit.eca_path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    after = edit.position == "after"
+    if owner_path != edit.path:  # a sibling in a plain Sequential
+        anchor = edit.path.rpartition(".")[2]
+        _add_in_order(owner, name, eca, anchor, after)
+    elif is_plain_sequential(owner):
+        _add_in_order(owner, name, eca, None, after)
+    else:
+        owner.add_module(name, eca)
+        if after:
+            owner.register_forward_hook(_run_eca_after)
+        else:
+            owner.register_forward_pre_hook(_run_eca_before)
+
+
+def _add_in_order(seq: nn.Sequential, name: str, module: nn.Module, anchor: str | None, after: bool) -> None:
+    """Add ``module`` to ``seq`` right after (before) child ``anchor``, or at the end (start)."""
+    children = list(seq._modules.items())
+    keys = [k for k, _ in children]
+    at = (len(keys) if after else 0) if anchor is None else keys.index(anchor) + (1 if after else 0)
+    seq._modules.clear()
+    seq._modules.update(children[:at])
+    seq.add_module(name, module)
+    seq._modules.update(children[at:])
+
+
+def count_eca_calls(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How many times each ECA block of ``model`` runs in one forward pass on ``x``."""
+    from timm.layers import EcaModule
+
+    counts: dict[str, int] = {}
+    handles = []
+    for path, module in model.named_modules():
+        if isinstance(module, EcaModule):
+            counts[path] = 0
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o, path=path: counts.__setitem__(path, counts[path] + 1)
+                )
+            )
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts

@@ -35,6 +35,28 @@ RecipeOpt = Annotated[
     typer.Option("--recipe", "-r", help="Recipe YAML file, or the name of a bundled recipe (see `recipes`)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+FeaturesOpt = Annotated[
+    bool,
+    typer.Option("--features-only", help="Build MODEL as a timm feature extractor (features_only=True)."),
+]
+OutIndicesOpt = Annotated[
+    Optional[str],
+    typer.Option("--out-indices", help="Feature maps to return, e.g. 1,2,3,4 (implies --features-only)."),
+]
+
+
+def _model_kwargs(features_only: bool, out_indices: str | None) -> dict[str, Any]:
+    if out_indices is None:
+        return {"features_only": True} if features_only else {}
+    try:
+        indices = [int(i) for i in out_indices.split(",") if i.strip()]
+    except ValueError:
+        indices = []
+    if not indices:
+        raise SurgeryError(
+            f"--out-indices {out_indices!r} is not a comma-separated list of integers, e.g. 1,2,3,4."
+        )
+    return {"features_only": True, "out_indices": indices}
 
 
 @contextmanager
@@ -70,6 +92,8 @@ def _main(
 def inspect(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
     recipe: RecipeOpt = None,
+    features_only: FeaturesOpt = False,
+    out_indices: OutIndicesOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's SE blocks and, with --recipe, what the recipe would change. Writes nothing."""
@@ -77,10 +101,11 @@ def inspect(
         from .recipe import load_recipe
 
         parsed = load_recipe(recipe) if recipe else None
+        kwargs = _model_kwargs(features_only, out_indices)
         from .report import plan_to_dict, render_plan, render_se_blocks, render_totals, se_blocks_to_dict
         from .surgery import inspect as inspect_model
 
-        result = inspect_model(model, parsed)
+        result = inspect_model(model, parsed, **kwargs)
         report = plan_to_dict(result.plan) if result.plan else _no_plan(model, result.params)
         report["se_blocks"] = se_blocks_to_dict(result.se_blocks)
         if json_out:
@@ -115,6 +140,8 @@ def convert(
         bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for new ECA weights and the check input.")] = 0,
+    features_only: FeaturesOpt = False,
+    out_indices: OutIndicesOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert MODEL as the recipe says, check a forward pass, and save a safetensors checkpoint."""
@@ -130,13 +157,14 @@ def convert(
         from .recipe import load_recipe
 
         parsed = load_recipe(recipe)
+        kwargs = _model_kwargs(features_only, out_indices)
         from .checkpoint import check_output, save_patched
         from .report import plan_to_dict, render_plan, render_totals
         from .surgery import convert as convert_model
 
         if output is not None and not dry_run:
             check_output(output, force)
-        result = convert_model(model, parsed, checkpoint=checkpoint, dry_run=dry_run, seed=seed)
+        result = convert_model(model, parsed, checkpoint=checkpoint, dry_run=dry_run, seed=seed, **kwargs)
         if checkpoint is None and not dry_run:
             err.print("Note: no --checkpoint given; the source weights are timm's random initialisation.")
         report = plan_to_dict(result.plan)
@@ -158,8 +186,8 @@ def convert(
         render_totals(out, report)
         if result.check:
             out.print(
-                f"Forward check: input {tuple(result.check['input_shape'])} -> output "
-                f"{tuple(result.check['output_shape'])}, finite, same shape as the original."
+                f"Forward check: input {_shape(result.check['input_shape'])} -> output "
+                f"{_shape(result.check['output_shape'])}, finite, same shape as the original."
             )
         if dry_run:
             out.print("Dry run: nothing was written.")
@@ -191,8 +219,14 @@ def verify(
         render_totals(out, report)
         out.print(
             f"Verified {escape(str(path))}: weights load strictly into {report['model']} patched by its recipe; "
-            f"forward {tuple(check['input_shape'])} -> {tuple(check['output_shape'])}, finite."
+            f"forward {_shape(check['input_shape'])} -> {_shape(check['output_shape'])}, finite."
         )
+
+
+def _shape(shape: list) -> str:
+    if shape and isinstance(shape[0], list):
+        return ", ".join(_shape(s) for s in shape)
+    return str(tuple(shape))
 
 
 @app.command("recipes")
@@ -207,6 +241,60 @@ def list_recipes() -> None:
         for name, path in sorted(bundled_recipes().items()):
             table.add_row(name, load_recipe(path).description or "")
         out.print(table)
+
+
+recipe_app = typer.Typer(
+    help="Check recipes and print the recipe format's JSON Schema.", no_args_is_help=True
+)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("check")
+def recipe_check(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or bundled recipe name.")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="Also resolve it against this timm model.")
+    ] = None,
+    features_only: FeaturesOpt = False,
+    out_indices: OutIndicesOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Validate a recipe; with --model, show the plan it gives (built on the meta device, no weights)."""
+    with _user_errors():
+        from .recipe import load_recipe
+
+        parsed = load_recipe(recipe)
+        report: dict[str, Any] = {"recipe": parsed.to_dict(), "valid": True}
+        if model is not None:
+            from .report import plan_to_dict
+            from .surgery import inspect as inspect_model
+
+            plan = inspect_model(model, parsed, **_model_kwargs(features_only, out_indices)).plan
+            report["plan"] = plan_to_dict(plan)
+        if json_out:
+            _print_json(report)
+            return
+        out.print(f"{escape(parsed.source)}: valid recipe, {len(parsed.rules)} rule(s).", highlight=False)
+        for i, rule in enumerate(parsed.rules):
+            where = (
+                f" {rule.where}" if rule.action == "insert" and rule.select.placement != "in-blocks" else ""
+            )
+            out.print(
+                f"  rule {i + 1}: {rule.action}{where} {escape(rule.select.describe())}", highlight=False
+            )
+        if model is not None:
+            from .report import render_plan, render_totals
+
+            render_plan(out, report["plan"])
+            render_totals(out, report["plan"])
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe format's JSON Schema (for editors that complete and check YAML)."""
+    from .recipe import recipe_schema as schema
+
+    _print_json(schema())
 
 
 def main() -> None:

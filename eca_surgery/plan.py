@@ -1,32 +1,60 @@
 """Resolve a recipe against a model into a plan: a plain, printable list of edits.
 
-Planning reads the model (module tree and weight shapes, which may live on the meta
-device) and never mutates it; ``apply.apply_plan`` carries the plan out.
+Planning reads the model (its module tree, weight shapes, and for insertions the
+shapes of one probe pass, all of which work on the meta device) and leaves it as it
+found it; ``apply.apply_plan`` carries the plan out.
+
+Where each new ECA block lives (its state_dict prefix):
+
+* ``replace`` at path ``P`` (an SE block, or any shape-preserving module): ``P``;
+* ``insert`` with ``placement: in-blocks``: the block's empty attention slot, ``B.se``
+  (or ``B.attn``), exactly where timm's own ECA models keep it;
+* ``insert`` after module ``P``: ``P.eca``; before it: ``P.eca_before``.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-from .detect import SEBlock, find_se_blocks
+from .detect import find_se_blocks, qualified_name
 from .eca import eca_kernel_size
 from .errors import RecipeError
-from .recipe import Recipe, Rule
+from .locate import (
+    block_paths,
+    empty_slot,
+    feature_branch_paths,
+    is_features_only,
+    is_plain_sequential,
+    runs_own_children,
+    stage_paths,
+)
+from .probe import probe
+from .recipe import Recipe, Rule, Selector
 
 ECA_CLASS = "timm.layers.eca.EcaModule"
+INSERT_NAMES = {"after": "eca", "before": "eca_before"}
 _ATTN_NAMES = {"se", "se_module", "attn", "attention"}
 _GATE_NAMES = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One change to one module of the model."""
+    """One change to the model: a new ECA block at ``eca_path``, acting on module ``path``.
+
+    ``position`` is ``in-place`` (replaces ``path``), ``slot`` (fills the empty attention
+    slot ``path``), ``after`` or ``before`` (runs on the output or input of ``path``).
+    """
 
     path: str
     action: str
+    position: str
+    eca_path: str
     old_class: str
     new_class: str
     channels: int
@@ -74,78 +102,314 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def make_plan(model: nn.Module, recipe: Recipe, model_name: str) -> Plan:
-    """Resolve ``recipe`` against ``model``. Raises RecipeError for a rule that matches
-    nothing (unless it is optional) and for two rules that would change the same module."""
-    se_blocks = find_se_blocks(model)
-    edits: list[Edit] = []
-    matches: list[int] = []
-    owner: dict[str, int] = {}
-    for index, rule in enumerate(recipe.rules):
-        selected = _select(rule, se_blocks)
-        if not selected and not rule.optional:
-            raise _no_match(model, model_name, recipe, index, rule)
-        for block in selected:
-            if block.path in owner:
-                raise RecipeError(
-                    f"Recipe {recipe.source}: rules {owner[block.path] + 1} and {index + 1} both "
-                    f"change module {block.path!r} of {model_name}. Narrow one rule's selector so "
-                    "each module is changed by one rule only."
+@dataclass(frozen=True)
+class _Target:
+    """A place a rule acts on, before its channel count is known."""
+
+    path: str
+    position: str
+    rule: int
+
+
+class _Planner:
+    def __init__(self, model: nn.Module, recipe: Recipe, model_name: str):
+        self.model = model
+        self.recipe = recipe
+        self.name = model_name
+        self.modules = dict(model.named_modules())
+        self.se = {b.path: b for b in find_se_blocks(model)}
+        self.stages = stage_paths(model)
+
+    # -- selection ---------------------------------------------------------------
+
+    def targets(self, index: int, rule: Rule) -> list[_Target]:
+        sel = rule.select
+        if rule.action == "replace":
+            return [_Target(p, "in-place", index) for p in self.select(index, sel, self.modules)]
+        if sel.placement == "in-blocks":
+            return self.in_blocks(index, sel)
+        if sel.placement == "backbone-end":
+            return [_Target(self.final_path(index), rule.where, index)]
+        if sel.placement == "feature-branches":
+            return [_Target(p, rule.where, index) for p in self.branches(index, sel)]
+        return [_Target(p, rule.where, index) for p in self.select(index, sel, self.modules)]
+
+    def select(self, index: int, sel: Selector, pool: dict[str, nn.Module]) -> list[str]:
+        """Paths in ``pool`` that satisfy every criterion of ``sel`` but placement."""
+        allowed = self.staged(index, sel) if sel.stages is not None or sel.blocks is not None else None
+        out = []
+        for path, module in pool.items():
+            if not path or (allowed is not None and path not in allowed):
+                continue
+            if sel.se and path not in self.se:
+                continue
+            if sel.path and not any(_glob(g).fullmatch(path) for g in sel.path):
+                continue
+            if sel.regex and not any(re.fullmatch(r, path) for r in sel.regex):
+                continue
+            if sel.cls and not _class_matches(type(module), sel.cls):
+                continue
+            out.append(path)
+        return out
+
+    def staged(self, index: int, sel: Selector) -> set[str]:
+        """The stages a selector names or, with ``blocks``, the blocks of those stages."""
+        stages = self.pick(index, "stages", sel.stages or "all", self.stages, "stage")
+        if sel.blocks is None:
+            return set(stages)
+        chosen: set[str] = set()
+        for stage in stages:
+            blocks = block_paths(self.model, stage)
+            if blocks:
+                chosen.update(
+                    self.pick(index, "blocks", sel.blocks, blocks, f"block of {stage}", strict=False)
                 )
-            owner[block.path] = index
-            edits.append(_replace_edit(block, rule, index))
-        matches.append(len(selected))
-    return Plan(model_name, recipe, tuple(edits), count_params(model), tuple(matches))
+        return chosen
 
+    def pick(
+        self,
+        index: int,
+        key: str,
+        spec: str | tuple[int, ...],
+        items: list[str],
+        what: str,
+        strict: bool = True,
+    ) -> list[str]:
+        if spec == "all":
+            return list(items)
+        if spec == "last":
+            return items[-1:]
+        bad = [i for i in spec if not -len(items) <= i < len(items)]
+        if bad and strict:
+            listing = ", ".join(f"{i}: {p}" for i, p in enumerate(items)) or "none"
+            raise RecipeError(
+                f"Recipe {self.recipe.where('rules', index, 'select', key)}: {what} index {bad[0]} is out "
+                f"of range; {self.name} has {len(items)} {what}s (feature_info): {listing}. "
+                "Negative indices count from the end."
+            )
+        return [items[i] for i in spec if -len(items) <= i < len(items)]
 
-def _select(rule: Rule, se_blocks: list[SEBlock]) -> list[SEBlock]:
-    return list(se_blocks) if rule.select.se else []
+    def in_blocks(self, index: int, sel: Selector) -> list[_Target]:
+        pool = self.modules
+        if sel.stages is not None or sel.blocks is not None:
+            blocks = self.staged(index, Selector(stages=sel.stages or "all", blocks=sel.blocks or "all"))
+            pool = {p: m for p, m in self.modules.items() if p in blocks}
+        narrowed = Selector(path=sel.path, regex=sel.regex, cls=sel.cls)
+        paths = self.select(index, narrowed, pool) if narrowed.to_dict() else [p for p in pool if p]
+        out = []
+        for path in paths:
+            slot = empty_slot(self.modules[path])
+            if slot is not None:
+                out.append(_Target(f"{path}.{slot}", "slot", index))
+        return out
 
+    def final_path(self, index: int) -> str:
+        final = probe(self.model, [], find_final=True).final
+        if final is None:
+            raise RecipeError(
+                f"Recipe {self.recipe.where('rules', index, 'select', 'placement')}: cannot find the module "
+                f"that produces {self.name}'s final feature map (it may be made by a function, not a "
+                "module). Use an insert rule with a 'path' selector naming the module instead."
+            )
+        return final
 
-def _replace_edit(block: SEBlock, rule: Rule, index: int) -> Edit:
-    opts = rule.eca
-    k = opts.kernel_size or eca_kernel_size(block.channels, opts.gamma, opts.b)
-    return Edit(
-        path=block.path,
-        action="replace",
-        old_class=block.class_name,
-        new_class=ECA_CLASS,
-        channels=block.channels,
-        kernel_size=k,
-        gate=_gate_name(opts.gate, block),
-        params_before=count_params(block.module),
-        params_after=k,
-        rule=index,
-    )
+    def branches(self, index: int, sel: Selector) -> list[str]:
+        if not is_features_only(self.model):
+            raise RecipeError(
+                f"Recipe {self.recipe.where('rules', index, 'select', 'placement')}: feature-branches needs "
+                f"a features_only model, and {self.name} was built as a classifier. Pass --features-only "
+                "(and --out-indices to choose the maps), or build it with timm.create_model(..., "
+                "features_only=True)."
+            )
+        paths = feature_branch_paths(self.model)
+        narrowed = Selector(path=sel.path, regex=sel.regex, cls=sel.cls)
+        if narrowed.to_dict():
+            keep = set(self.select(index, narrowed, {p: self.modules[p] for p in paths}))
+            paths = [p for p in paths if p in keep]
+        return paths
 
+    # -- edits ---------------------------------------------------------------------
 
-def _gate_name(gate: str, block: SEBlock) -> str:
-    if gate != "keep":
-        return gate
-    name = _GATE_NAMES.get(block.gate.__name__) if block.gate else None
-    if name is None:
-        raise RecipeError(
-            f"gate: keep cannot reuse the gate of SE block {block.path!r} "
-            f"({block.gate.__name__ if block.gate else 'none found'}); "
-            "use 'gate: sigmoid' or 'gate: hard_sigmoid' instead."
-        )
-    return name
+    def edits(self, targets: list[_Target]) -> list[Edit]:
+        probed = [t for t in targets if t.path not in self.se]
+        calls = {}
+        if probed:
+            slots = [t.path for t in probed if t.position == "slot"]
+            others = [t.path for t in probed if t.position != "slot"]
+            calls = probe(self.model, sorted(set(others)), sorted(set(slots))).calls
+        return [self.edit(t, calls.get(t.path)) for t in targets]
 
-
-def _no_match(model: nn.Module, model_name: str, recipe: Recipe, index: int, rule: Rule) -> RecipeError:
-    hint = ""
-    if rule.select.se:
-        attn_like = [
-            f"{p} ({type(m).__name__})"
-            for p, m in model.named_modules()
-            if p.rsplit(".", 1)[-1] in _ATTN_NAMES and not isinstance(m, nn.Identity)
-        ]
-        if attn_like:
-            hint = f" Attention modules that are not known SE blocks: {', '.join(attn_like[:5])}."
+    def edit(self, target: _Target, calls) -> Edit:
+        rule = self.recipe.rules[target.rule]
+        path, position = target.path, target.position
+        module = self.modules.get(path)
+        if path in self.se:
+            channels = self.se[path].channels
         else:
-            hint = f" {model_name} has no SE blocks; pick a model with SE blocks (e.g. seresnet50, efficientnet_b0)."
-    return RecipeError(
-        f"Recipe {recipe.source}: rule {index + 1} ({rule.action} {rule.select.describe()}) matches "
-        f"nothing in {model_name}.{hint} Check the model name and the rule's selector, or mark the "
-        "rule 'optional: true' if that is expected."
+            channels = self.measure(target, calls)
+        eca_path = self.insert_path(path, position) if position in INSERT_NAMES else path
+        k = rule.eca.kernel_size or eca_kernel_size(channels, rule.eca.gamma, rule.eca.b)
+        return Edit(
+            path=path,
+            action=rule.action,
+            position=position,
+            eca_path=eca_path,
+            old_class=qualified_name(type(module)) if module is not None else "None",
+            new_class=ECA_CLASS,
+            channels=channels,
+            kernel_size=k,
+            gate=self.gate(rule.eca.gate, path),
+            params_before=count_params(module)
+            if position in ("in-place", "slot") and module is not None
+            else 0,
+            params_after=k,
+            rule=target.rule,
+        )
+
+    def insert_path(self, path: str, position: str) -> str:
+        """Where an ECA inserted after/before ``path`` lives: its child ``eca``/``eca_before``,
+        or, for a container that runs its own children, a sibling ``NAME_eca`` placed next
+        to it in its parent Sequential."""
+        module, suffix = self.modules[path], INSERT_NAMES[position]
+        owner, name = path, suffix
+        if runs_own_children(module) and not is_plain_sequential(module):
+            owner, _, last = path.rpartition(".")
+            if not is_plain_sequential(self.modules[owner]):
+                raise RecipeError(
+                    f"Cannot insert ECA {position} {path!r} ({type(module).__name__}) of {self.name}: it is a "
+                    "container that runs its own children, and its parent is not a plain Sequential, so "
+                    "there is nowhere to put an ECA that runs exactly there. Select a module inside it."
+                )
+            name = f"{last}_{suffix}"
+        if hasattr(self.modules[owner], name):
+            raise RecipeError(
+                f"Cannot insert ECA {position} {path!r}: {owner or 'the model'} already has {name!r}."
+            )
+        return f"{owner}.{name}" if owner else name
+
+    def measure(self, target: _Target, calls) -> int:
+        """The channel count at a target, from the probe pass; RecipeError where it cannot be known."""
+        where = f"{self.name} module {target.path!r}"
+        if calls is None or not calls.outputs:
+            raise RecipeError(
+                f"{where} never runs in the model's forward pass, so an ECA placed there would never "
+                "run either. Choose a module that the forward pass calls."
+            )
+        if len(calls.outputs) > 1:
+            raise RecipeError(
+                f"{where} runs {len(calls.outputs)} times per forward pass (it is shared), so its "
+                "channel count and the ECA's place are ambiguous. Choose a module that runs once."
+            )
+        shape = calls.inputs[0] if target.position == "before" else calls.outputs[0]
+        if target.position == "in-place" and calls.inputs[0] != calls.outputs[0]:
+            raise RecipeError(
+                f"{where} changes its input's shape {calls.inputs[0]} to {calls.outputs[0]}; ECA keeps "
+                "shapes, so it can only replace shape-preserving modules (such as SE blocks)."
+            )
+        if shape is None or len(shape) != 4:
+            raise RecipeError(
+                f"{where} gives {'no tensor' if shape is None else f'a tensor of shape {shape}'}; ECA needs "
+                "an NCHW feature map (batch, channels, height, width), so its channel count cannot be known."
+            )
+        return shape[1]
+
+    def gate(self, gate: str, path: str) -> str:
+        if gate != "keep":
+            return gate
+        block = self.se.get(path)
+        name = _GATE_NAMES.get(block.gate.__name__) if block and block.gate else None
+        if name is None:
+            found = block.gate.__name__ if block and block.gate else "none found"
+            raise RecipeError(
+                f"gate: keep cannot reuse the gate of {path!r} ({found}); it works on SE blocks "
+                "with a sigmoid or hard-sigmoid gate. Use 'gate: sigmoid' or 'gate: hard_sigmoid'."
+            )
+        return name
+
+    # -- errors --------------------------------------------------------------------
+
+    def no_match(self, index: int, rule: Rule) -> RecipeError:
+        sel = rule.select
+        hint = ""
+        if sel.path or sel.regex:
+            patterns = [*sel.path, *sel.regex]
+            close = sorted(
+                {m for p in patterns for m in difflib.get_close_matches(p, self.modules, n=5, cutoff=0.5)}
+            )
+            if close:
+                hint = f" Paths that nearly match: {', '.join(close[:5])}."
+        elif sel.cls:
+            classes = {type(m).__name__ for m in self.modules.values()}
+            close = sorted(
+                {m for c in sel.cls for m in difflib.get_close_matches(c.rsplit(".", 1)[-1], classes, n=5)}
+            )
+            if close:
+                hint = f" Classes in the model that nearly match: {', '.join(close)}."
+        elif sel.placement == "in-blocks":
+            hint = (
+                f" No selected block of {self.name} has an empty attention slot (an 'se' or 'attn' "
+                "attribute that is None or Identity); use 'action: insert' without a placement to add ECA "
+                "after modules, or se-to-eca to replace existing SE blocks."
+            )
+        elif sel.se:
+            attn_like = [
+                f"{p} ({type(m).__name__})"
+                for p, m in self.modules.items()
+                if p.rsplit(".", 1)[-1] in _ATTN_NAMES and not isinstance(m, nn.Identity)
+            ]
+            if attn_like:
+                hint = f" Attention modules that are not known SE blocks: {', '.join(attn_like[:5])}."
+            else:
+                hint = f" {self.name} has no SE blocks; pick a model with SE blocks (e.g. seresnet50, efficientnet_b0)."
+        return RecipeError(
+            f"Recipe {self.recipe.where('rules', index)}: rule {index + 1} ({rule.action} "
+            f"{sel.describe()}) matches nothing in {self.name}.{hint} Check the model name and the "
+            "rule's selector, or mark the rule 'optional: true' if that is expected."
+        )
+
+
+def _glob(pattern: str) -> re.Pattern:
+    """A dotted-path glob: ``*`` matches within one segment, ``**`` across segments."""
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": r"[^.]*", "?": r"[^.]"}.get(part, re.escape(part)))
+    return re.compile("".join(out))
+
+
+def _class_matches(cls: type, names: tuple[str, ...]) -> bool:
+    return any(
+        n in (cls.__name__, qualified_name(cls)) or fnmatch.fnmatchcase(cls.__name__, n) for n in names
     )
+
+
+def make_plan(model: nn.Module, recipe: Recipe, model_name: str) -> Plan:
+    """Resolve ``recipe`` against ``model`` without changing it.
+
+    Raises RecipeError for a rule that matches nothing (unless it is optional), for two
+    rules that would change the same module, and where a channel count cannot be known.
+    """
+    planner = _Planner(model, recipe, model_name)
+    targets: list[_Target] = []
+    matches: list[int] = []
+    owner: dict[tuple[str, str], int] = {}
+    for index, rule in enumerate(recipe.rules):
+        found = planner.targets(index, rule)
+        if not found and not rule.optional:
+            raise planner.no_match(index, rule)
+        for t in found:
+            # a module is replaced (or its slot filled) once, or gets ECA after and/or before it
+            clash = owner.get((t.path, t.position))
+            if clash is None and t.position in INSERT_NAMES:
+                clash = owner.get((t.path, "in-place"), owner.get((t.path, "slot")))
+            if clash is None and t.position in ("in-place", "slot"):
+                clash = owner.get((t.path, "after"), owner.get((t.path, "before")))
+            if clash is not None:
+                raise RecipeError(
+                    f"Recipe {recipe.source}: rules {clash + 1} and {index + 1} both change module "
+                    f"{t.path!r} of {model_name}. Narrow one rule's selector so each module is changed "
+                    "by one rule only."
+                )
+            owner[(t.path, t.position)] = index
+        targets.extend(found)
+        matches.append(len(found))
+    return Plan(model_name, recipe, tuple(planner.edits(targets)), count_params(model), tuple(matches))

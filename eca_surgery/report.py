@@ -60,6 +60,16 @@ def _short(cls: str) -> str:
     return cls.rsplit(".", 1)[-1]
 
 
+def describe_edit(e: dict[str, Any]) -> str:
+    """What an edit does to the module it acts on, in a few words."""
+    old = _short(e["old_class"])
+    if e["position"] == "in-place":
+        return f"replaces {old}"
+    if e["position"] == "slot":
+        return f"fills empty slot ({old})"
+    return f"{e['position']} {e['path'] or 'model'} ({old})"
+
+
 def _signed(n: int) -> str:
     return f"{n:+,}"
 
@@ -91,16 +101,16 @@ def render_plan(console: Console, report: dict[str, Any]) -> None:
         title=f"Plan for {report['model']} with {recipe} ({matches} matched)",
         title_justify="left",
     )
-    table.add_column("path")
-    table.add_column("edit", no_wrap=True)
+    table.add_column("ECA at", no_wrap=True)
+    table.add_column("edit")
     table.add_column("channels", justify="right")
     table.add_column("k", justify="right")
     table.add_column("params", justify="right")
     table.add_column("new params", justify="right")
     for e in report["edits"]:
         table.add_row(
-            e["path"],
-            f"{e['action']} {_short(e['old_class'])} -> {_short(e['new_class'])}",
+            e["eca_path"],
+            describe_edit(e),
             str(e["channels"]),
             str(e["kernel_size"]),
             f"{e['params_before']:,}",
@@ -117,6 +127,6 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
     )
     if report["params_removed"] or report["params_added"]:
         console.print(
-            f"SE parameters removed: {report['params_removed']:,}; "
+            f"Parameters removed (replaced modules): {report['params_removed']:,}; "
             f"ECA parameters added: {report['params_added']:,}"
         )

@@ -87,19 +87,33 @@ def _sample_input(model: nn.Module, seed: int) -> torch.Tensor:
     return torch.randn(1, *input_size(model), generator=gen).to(ref.device, ref.dtype)
 
 
-@torch.no_grad()
-def _forward_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(model(x).shape)
+def _outputs(out) -> list[torch.Tensor]:
+    """The tensors of a model's output: one for a classifier, one per map for features_only."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _shape_of(out) -> list:
+    shapes = [list(t.shape) for t in _outputs(out)]
+    return shapes[0] if isinstance(out, torch.Tensor) else shapes
 
 
 @torch.no_grad()
-def forward_check(
-    model: nn.Module, x: torch.Tensor, expected: tuple[int, ...] | None = None
-) -> dict[str, Any]:
-    """Run ``model`` on ``x``; raise unless the output has the expected shape and is finite."""
+def _forward_shape(model: nn.Module, x: torch.Tensor) -> list:
+    return _shape_of(model(x))
+
+
+@torch.no_grad()
+def forward_check(model: nn.Module, x: torch.Tensor, expected: list | None = None) -> dict[str, Any]:
+    """Run ``model`` on ``x``; raise unless the output has the expected shape(s) and is finite.
+
+    ``output_shape`` in the result is one shape, or a list of shapes for a model that
+    returns several feature maps.
+    """
     out = model(x)
-    shape = tuple(out.shape)
-    finite = bool(torch.isfinite(out).all())
+    shape = _shape_of(out)
+    finite = all(bool(torch.isfinite(t).all()) for t in _outputs(out))
     if expected is not None and shape != expected:
         raise SurgeryError(
             f"The patched model's output shape {shape} differs from the original's {expected}; "
@@ -107,7 +121,7 @@ def forward_check(
         )
     if not finite:
         raise SurgeryError("The patched model's output has NaN or infinite values; check the source weights.")
-    return {"input_shape": list(x.shape), "output_shape": list(shape), "finite": finite}
+    return {"input_shape": list(x.shape), "output_shape": shape, "finite": finite}
 
 
 def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:

@@ -1,0 +1,118 @@
+"""Measure a model's feature maps by running it once with forward hooks.
+
+Runs on whatever device the model is on; on the meta device this costs no compute
+and allocates nothing, so planning an insertion needs no weights. The model is run
+in eval mode (no BatchNorm statistics are touched) and left as it was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import input_size
+
+
+@dataclass
+class Calls:
+    """What one module saw in the probe pass: its first input's and its output's shapes, per call."""
+
+    inputs: list[tuple[int, ...] | None] = field(default_factory=list)
+    outputs: list[tuple[int, ...] | None] = field(default_factory=list)
+
+
+@dataclass
+class ProbeResult:
+    calls: dict[str, Calls]
+    final: str | None
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _last_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out and isinstance(out[-1], torch.Tensor):
+        return out[-1]
+    return None
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextmanager
+def _slot_probes(model: nn.Module, slots: list[str]) -> Iterator[None]:
+    """Put an nn.Identity into each empty (None) slot for the pass, and take it out after."""
+    filled = []
+    for path in slots:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if getattr(parent, name) is None:
+            delattr(parent, name)
+            parent.add_module(name, nn.Identity())
+            filled.append((parent, name))
+    try:
+        yield
+    finally:
+        for parent, name in filled:
+            delattr(parent, name)
+            setattr(parent, name, None)
+
+
+@torch.no_grad()
+def probe(model: nn.Module, paths: list[str], slots: list[str] = (), find_final: bool = False) -> ProbeResult:
+    """Run ``model`` once at its default input size (batch 1) and record, for each module
+    in ``paths`` and each attention slot in ``slots``, the shapes it saw per call.
+
+    With ``find_final``, also find the module that produced the final feature map (the
+    output of ``forward_features``, or the last map of a features_only model): the last
+    module to finish whose output is that very tensor.
+    """
+    calls: dict[str, Calls] = {p: Calls() for p in [*paths, *slots]}
+    finished: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    ref = next(model.parameters())
+    x = torch.zeros(1, *input_size(model), device=ref.device, dtype=ref.dtype)
+    with _eval_mode(model), _slot_probes(model, list(slots)):
+        try:
+            for path in calls:
+
+                def record(module, args, output, path=path):
+                    calls[path].inputs.append(_shape(args[0]) if args else None)
+                    calls[path].outputs.append(_shape(output))
+
+                handles.append(model.get_submodule(path).register_forward_hook(record))
+            if find_final:
+                for path, module in model.named_modules():
+                    if path:
+                        handles.append(
+                            module.register_forward_hook(
+                                lambda m, a, out, path=path: finished.append((path, out))
+                            )
+                        )
+            forward = getattr(model, "forward_features", None) if find_final else None
+            out = forward(x) if forward is not None else model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    final = None
+    if find_final:
+        tensor = _last_tensor(out)
+        final = next((p for p, o in reversed(finished) if o is tensor), None) if tensor is not None else None
+    return ProbeResult(calls, final)
