@@ -4,16 +4,18 @@ Replacements and filled attention slots take the old module's attribute. An ECA
 inserted after (before) module ``P`` goes where the plan's ``eca_path`` says:
 
 * ``P.eca`` (``P.eca_before``) in a plain ``nn.Sequential`` ``P``: its last (first) element;
-* ``P.eca`` (``P.eca_before``) in any other module: run from a forward hook (pre-hook),
-  so it runs whatever the module's own ``forward`` does;
-* ``Q.NAME_eca`` (``Q.NAME_eca_before``) for a container ``P = Q.NAME`` that runs its own
-  children (DenseNet's DenseBlock): the element right after (before) it in its
-  Sequential parent ``Q``.
+* ``P.eca`` (``P.eca_before``) in any other module: run from a forward hook (pre-hook)
+  on ``P``, so it runs whatever ``P``'s own ``forward`` does;
+* ``Q.NAME_eca`` (``Q.NAME_eca_before``) where ``P = Q.NAME`` runs every child it holds
+  (RegNet's RegStage, DenseNet's DenseBlock): the element right after (before) ``P``
+  when ``Q`` is a plain Sequential, else a child of ``Q`` run by a hook on ``P``.
 
 Either way every original state_dict key and tensor is untouched.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,12 +26,12 @@ from .locate import is_plain_sequential
 from .plan import Edit, Plan
 
 
-def _run_eca_after(module: nn.Module, args, output):
-    return module.eca(output)
+def _run_after(eca: nn.Module, module: nn.Module, args, output):
+    return eca(output)
 
 
-def _run_eca_before(module: nn.Module, args):
-    return (module.eca_before(args[0]), *args[1:])
+def _run_before(eca: nn.Module, module: nn.Module, args):
+    return (eca(args[0]), *args[1:])
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -70,17 +72,16 @@ def _insert(model: nn.Module, edit: Edit, eca: nn.Module) -> None:
     owner_path, _, name = edit.eca_path.rpartition(".")
     owner = model.get_submodule(owner_path)
     after = edit.position == "after"
-    if owner_path != edit.path:  # a sibling in a plain Sequential
-        anchor = edit.path.rpartition(".")[2]
+    if is_plain_sequential(owner):
+        anchor = None if owner_path == edit.path else edit.path.rpartition(".")[2]
         _add_in_order(owner, name, eca, anchor, after)
-    elif is_plain_sequential(owner):
-        _add_in_order(owner, name, eca, None, after)
+        return
+    owner.add_module(name, eca)
+    target = model.get_submodule(edit.path)
+    if after:
+        target.register_forward_hook(partial(_run_after, eca))
     else:
-        owner.add_module(name, eca)
-        if after:
-            owner.register_forward_hook(_run_eca_after)
-        else:
-            owner.register_forward_pre_hook(_run_eca_before)
+        target.register_forward_pre_hook(partial(_run_before, eca))
 
 
 def _add_in_order(seq: nn.Sequential, name: str, module: nn.Module, anchor: str | None, after: bool) -> None:

@@ -232,12 +232,20 @@ class _Planner:
 
     def edits(self, targets: list[_Target]) -> list[Edit]:
         probed = [t for t in targets if t.path not in self.se]
-        calls = {}
+        self.calls, self.runs_children = {}, {}
         if probed:
-            slots = [t.path for t in probed if t.position == "slot"]
-            others = [t.path for t in probed if t.position != "slot"]
-            calls = probe(self.model, sorted(set(others)), sorted(set(slots))).calls
-        return [self.edit(t, calls.get(t.path)) for t in targets]
+            slots = sorted({t.path for t in probed if t.position == "slot"})
+            others = sorted({t.path for t in probed if t.position != "slot"})
+            owners = sorted({o for t in probed if t.position in INSERT_NAMES for o in self.owner_candidates(t.path)})
+            result = probe(self.model, others, slots, owners=owners)
+            self.calls, self.runs_children = result.calls, result.runs_added_child
+        return [self.edit(t, self.calls.get(t.path)) for t in targets]
+
+    def owner_candidates(self, path: str) -> list[str]:
+        """Modules that might hold an ECA inserted at ``path`` (the module, then its parent) and
+        whose habit of running their children must be traced (containers are known to)."""
+        parent = path.rpartition(".")[0]
+        return [p for p in (path, parent) if p in self.modules and not runs_own_children(self.modules[p])]
 
     def edit(self, target: _Target, calls) -> Edit:
         rule = self.recipe.rules[target.rule]
@@ -267,24 +275,23 @@ class _Planner:
         )
 
     def insert_path(self, path: str, position: str) -> str:
-        """Where an ECA inserted after/before ``path`` lives: its child ``eca``/``eca_before``,
-        or, for a container that runs its own children, a sibling ``NAME_eca`` placed next
-        to it in its parent Sequential."""
+        """Where an ECA inserted after/before ``path`` lives, so that it runs exactly once:
+        its child ``eca``/``eca_before``, unless the module runs every child it holds
+        (RegStage, DenseBlock); then a sibling ``NAME_eca``/``NAME_eca_before`` in its parent."""
         module, suffix = self.modules[path], INSERT_NAMES[position]
         owner, name = path, suffix
-        if runs_own_children(module) and not is_plain_sequential(module):
+        if self.runs_children.get(path) or (runs_own_children(module) and not is_plain_sequential(module)):
             owner, _, last = path.rpartition(".")
-            if not is_plain_sequential(self.modules[owner]):
+            parent = self.modules[owner]
+            if self.runs_children.get(owner) or (runs_own_children(parent) and not is_plain_sequential(parent)):
                 raise RecipeError(
-                    f"Cannot insert ECA {position} {path!r} ({type(module).__name__}) of {self.name}: it is a "
-                    "container that runs its own children, and its parent is not a plain Sequential, so "
-                    "there is nowhere to put an ECA that runs exactly there. Select a module inside it."
+                    f"Cannot insert ECA {position} {path!r} ({type(module).__name__}) of {self.name}: it runs "
+                    "every child it holds, and so does its parent, so there is nowhere to put an ECA that "
+                    "runs exactly there. Select a module inside it."
                 )
             name = f"{last}_{suffix}"
         if hasattr(self.modules[owner], name):
-            raise RecipeError(
-                f"Cannot insert ECA {position} {path!r}: {owner or 'the model'} already has {name!r}."
-            )
+            raise RecipeError(f"Cannot insert ECA {position} {path!r}: {owner or 'the model'} already has {name!r}.")
         return f"{owner}.{name}" if owner else name
 
     def measure(self, target: _Target, calls) -> int:

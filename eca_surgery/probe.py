@@ -29,6 +29,7 @@ class Calls:
 class ProbeResult:
     calls: dict[str, Calls]
     final: str | None
+    runs_added_child: dict[str, bool] = field(default_factory=dict)
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -75,21 +76,55 @@ def _slot_probes(model: nn.Module, slots: list[str]) -> Iterator[None]:
             setattr(parent, name, None)
 
 
+class _Tracer(nn.Identity):
+    """A stand-in child that counts whether its parent's forward calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+@contextmanager
+def _child_probes(model: nn.Module, owners: list[str]) -> Iterator[dict[str, _Tracer]]:
+    """Add a tracer child to each module in ``owners`` for the pass: a module whose forward
+    runs its children generically (``for m in self.children()``) calls it."""
+    tracers = {}
+    for path in owners:
+        tracers[path] = _Tracer()
+        model.get_submodule(path).add_module("_eca_surgery_tracer", tracers[path])
+    try:
+        yield tracers
+    finally:
+        for path in owners:
+            delattr(model.get_submodule(path), "_eca_surgery_tracer")
+
+
 @torch.no_grad()
-def probe(model: nn.Module, paths: list[str], slots: list[str] = (), find_final: bool = False) -> ProbeResult:
+def probe(
+    model: nn.Module,
+    paths: list[str],
+    slots: list[str] = (),
+    find_final: bool = False,
+    owners: list[str] = (),
+) -> ProbeResult:
     """Run ``model`` once at its default input size (batch 1) and record, for each module
     in ``paths`` and each attention slot in ``slots``, the shapes it saw per call.
 
     With ``find_final``, also find the module that produced the final feature map (the
     output of ``forward_features``, or the last map of a features_only model): the last
-    module to finish whose output is that very tensor.
+    module to finish whose output is that very tensor. For each module in ``owners``,
+    also tell whether its forward would run a child added to it.
     """
     calls: dict[str, Calls] = {p: Calls() for p in [*paths, *slots]}
     finished: list[tuple[str, torch.Tensor]] = []
     handles = []
     ref = next(model.parameters())
     x = torch.zeros(1, *input_size(model), device=ref.device, dtype=ref.dtype)
-    with _eval_mode(model), _slot_probes(model, list(slots)):
+    with _eval_mode(model), _slot_probes(model, list(slots)), _child_probes(model, list(owners)) as tracers:
         try:
             for path in calls:
 
@@ -115,4 +150,4 @@ def probe(model: nn.Module, paths: list[str], slots: list[str] = (), find_final:
     if find_final:
         tensor = _last_tensor(out)
         final = next((p for p, o in reversed(finished) if o is tensor), None) if tensor is not None else None
-    return ProbeResult(calls, final)
+    return ProbeResult(calls, final, {p: t.calls > 0 for p, t in tracers.items()})
