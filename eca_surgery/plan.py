@@ -236,7 +236,9 @@ class _Planner:
         if probed:
             slots = sorted({t.path for t in probed if t.position == "slot"})
             others = sorted({t.path for t in probed if t.position != "slot"})
-            owners = sorted({o for t in probed if t.position in INSERT_NAMES for o in self.owner_candidates(t.path)})
+            owners = sorted(
+                {o for t in probed if t.position in INSERT_NAMES for o in self.owner_candidates(t.path)}
+            )
             result = probe(self.model, others, slots, owners=owners)
             self.calls, self.runs_children = result.calls, result.runs_added_child
         return [self.edit(t, self.calls.get(t.path)) for t in targets]
@@ -283,7 +285,9 @@ class _Planner:
         if self.runs_children.get(path) or (runs_own_children(module) and not is_plain_sequential(module)):
             owner, _, last = path.rpartition(".")
             parent = self.modules[owner]
-            if self.runs_children.get(owner) or (runs_own_children(parent) and not is_plain_sequential(parent)):
+            if self.runs_children.get(owner) or (
+                runs_own_children(parent) and not is_plain_sequential(parent)
+            ):
                 raise RecipeError(
                     f"Cannot insert ECA {position} {path!r} ({type(module).__name__}) of {self.name}: it runs "
                     "every child it holds, and so does its parent, so there is nowhere to put an ECA that "
@@ -291,7 +295,9 @@ class _Planner:
                 )
             name = f"{last}_{suffix}"
         if hasattr(self.modules[owner], name):
-            raise RecipeError(f"Cannot insert ECA {position} {path!r}: {owner or 'the model'} already has {name!r}.")
+            raise RecipeError(
+                f"Cannot insert ECA {position} {path!r}: {owner or 'the model'} already has {name!r}."
+            )
         return f"{owner}.{name}" if owner else name
 
     def measure(self, target: _Target, calls) -> int:
@@ -412,7 +418,7 @@ def make_plan(model: nn.Module, recipe: Recipe, model_name: str) -> Plan:
                 clash = owner.get((t.path, "after"), owner.get((t.path, "before")))
             if clash is not None:
                 raise RecipeError(
-                    f"Recipe {recipe.source}: rules {clash + 1} and {index + 1} both change module "
+                    f"Recipe {recipe.where('rules', index)}: rules {clash + 1} and {index + 1} both change module "
                     f"{t.path!r} of {model_name}. Narrow one rule's selector so each module is changed "
                     "by one rule only."
                 )

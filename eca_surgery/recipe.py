@@ -210,7 +210,7 @@ class _Validator:
         if "version" not in data:
             raise self.fail((), f"missing required key 'version' (this tool reads version {RECIPE_VERSION}).")
         version = data["version"]
-        if version != RECIPE_VERSION or isinstance(version, bool):
+        if type(version) is not int or version != RECIPE_VERSION:
             raise self.fail(
                 ("version",),
                 f"unsupported version {version!r}; this tool reads version {RECIPE_VERSION}.",
@@ -350,11 +350,29 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that mapping keys stay the text they are written as
+    (YAML 1.1 would read a key `on` or `no` as a boolean)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    return {
+        key.value if isinstance(key, yaml.ScalarNode) else loader.construct_object(key, deep=True): (
+            loader.construct_object(value, deep=True)
+        )
+        for key, value in node.value
+    }
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and validate recipe YAML text."""
+    """Parse and validate recipe YAML text (safe loading: plain data only, no Python objects)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_RecipeLoader)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
