@@ -8,46 +8,12 @@ from pathlib import Path
 
 import pytest
 import timm
+from cli_helpers import run_fail, runner, text_of
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from eca_surgery.cli import app
 
-runner = CliRunner()
-
 SE_TO_ECA = "se-to-eca"
-
-
-def _listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` (hidden ones included) with its size and mtime."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _text(result) -> str:
-    return "\n".join(filter(None, (result.output, result.stdout, result.stderr)))
-
-
-def run_fail(args: list[str], workdir: Path, output: Path | None = None) -> str:
-    """Run the CLI, expecting a clean user error; return the error message, whitespace-normalised.
-
-    Asserts exit code 1 raised by the CLI itself (not an uncaught exception that CliRunner
-    swallowed), no traceback, and that nothing in ``workdir`` was created or modified.
-    """
-    before = _listing(workdir)
-    result = runner.invoke(app, args)
-    text = _text(result)
-    assert result.exit_code == 1, text
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{text}"
-    assert "Traceback" not in text
-    assert _listing(workdir) == before, "the failed command created or changed files"
-    if output is not None:
-        assert not output.exists()
-    assert "Error:" in result.stderr
-    return " ".join(result.stderr.split())
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +158,11 @@ def test_existing_output_needs_force(tmp_path):
     assert out.read_bytes() == b"precious"
 
     result = runner.invoke(app, ["convert", "seresnet18", "-r", SE_TO_ECA, "-o", str(out), "--force"])
-    assert result.exit_code == 0, _text(result)
+    assert result.exit_code == 0, text_of(result)
     assert out.read_bytes() != b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]  # no stray .*.tmp
     verified = runner.invoke(app, ["verify", str(out)])
-    assert verified.exit_code == 0, _text(verified)
+    assert verified.exit_code == 0, text_of(verified)
 
 
 def test_output_folder_missing(tmp_path):

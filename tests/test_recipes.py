@@ -16,60 +16,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from cli_helpers import run_fail, run_ok
 
-from eca_surgery.cli import app
 from eca_surgery.errors import RecipeError
 from eca_surgery.recipe import bundled_recipes, load_recipe, parse_recipe, recipe_from_dict
-
-runner = CliRunner()
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = ("se-to-eca", "eca-in-blocks", "eca-after-stages", "eca-backbone-end", "eca-feature-pyramid")
 
 
-def _listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` (hidden ones included) with its size and mtime."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _text(result) -> str:
-    return "\n".join(filter(None, (result.output, result.stdout, result.stderr)))
-
-
-def run_ok(args: list[str]) -> str:
-    """Run the CLI, expecting success; return its stdout."""
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, _text(result)
-    return result.stdout
-
-
 def squash(text: str) -> str:
     """``text`` without whitespace, so that rich's line wrapping does not matter."""
     return re.sub(r"\s", "", text)
-
-
-def run_fail(args: list[str], workdir: Path, output: Path | None = None) -> str:
-    """Run the CLI, expecting a clean user error; return the error message, whitespace-normalised.
-
-    Asserts exit code 1 raised by the CLI itself (not an uncaught exception that CliRunner
-    swallowed), no traceback, and that nothing in ``workdir`` was created or modified.
-    """
-    before = _listing(workdir)
-    result = runner.invoke(app, args)
-    text = _text(result)
-    assert result.exit_code == 1, text
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{text}"
-    assert "Traceback" not in text
-    assert _listing(workdir) == before, "the failed command created or changed files"
-    if output is not None:
-        assert not output.exists()
-    assert "Error:" in result.stderr
-    return " ".join(result.stderr.split())
 
 
 def has_line(msg: str, line: int) -> bool:
