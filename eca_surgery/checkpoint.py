@@ -45,7 +45,9 @@ class Patched:
     metadata: dict[str, str]
 
 
-def make_metadata(plan: Plan, model_kwargs: dict[str, Any], source: str) -> dict[str, str]:
+def make_metadata(
+    plan: Plan, model_kwargs: dict[str, Any], source: str, native: dict[str, Any] | None = None
+) -> dict[str, str]:
     import timm
 
     from . import __version__
@@ -57,6 +59,7 @@ def make_metadata(plan: Plan, model_kwargs: dict[str, Any], source: str) -> dict
         "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
         "recipe": plan.recipe.to_json(),
         "source_weights": source,
+        "timm_native": json.dumps(native, sort_keys=True),
         "params_before": str(plan.params_before),
         "params_after": str(plan.params_after),
         "eca_surgery_version": __version__,
@@ -91,6 +94,7 @@ def save_patched(
     *,
     model_kwargs: dict[str, Any] | None = None,
     source: str = "",
+    native: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
@@ -102,7 +106,7 @@ def save_patched(
 
     path = check_output(path, force)
     tensors = _unshared(model.state_dict())
-    metadata = make_metadata(plan, model_kwargs or {}, source)
+    metadata = make_metadata(plan, model_kwargs or {}, source, native)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)

@@ -107,6 +107,7 @@ def inspect(
 
         result = inspect_model(model, parsed, **kwargs)
         report = plan_to_dict(result.plan) if result.plan else _no_plan(model, result.params)
+        report.update(result.macs)
         report["se_blocks"] = se_blocks_to_dict(result.se_blocks)
         if json_out:
             _print_json(report)
@@ -140,6 +141,14 @@ def convert(
         bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for new ECA weights and the check input.")] = 0,
+    timm_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--timm-dir",
+            help="Also write a timm/Hugging Face folder (config.json + model.safetensors) that plain "
+            "timm loads with create_model('local-dir:DIR', pretrained=True).",
+        ),
+    ] = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     json_out: JsonOpt = False,
@@ -150,9 +159,10 @@ def convert(
             raise SurgeryError(
                 "convert needs --recipe: a recipe file or a bundled recipe name such as se-to-eca."
             )
-        if output is None and not dry_run:
+        if output is None and timm_dir is None and not dry_run:
             raise SurgeryError(
-                "convert needs --output FILE.safetensors (or --dry-run to only show the plan)."
+                "convert needs --output FILE.safetensors and/or --timm-dir DIR (or --dry-run to only "
+                "show the plan)."
             )
         from .recipe import load_recipe
 
@@ -164,21 +174,39 @@ def convert(
 
         if output is not None and not dry_run:
             check_output(output, force)
+        if timm_dir is not None and not dry_run and timm_dir.exists() and not force:
+            raise SurgeryError(
+                f"{str(timm_dir)!r} already exists and was left untouched; pass --force to replace it."
+            )
         result = convert_model(model, parsed, checkpoint=checkpoint, dry_run=dry_run, seed=seed, **kwargs)
+        if timm_dir is not None and result.native is None:
+            raise SurgeryError(
+                f"timm cannot build this ECA variant of {model} itself, so --timm-dir has nothing to write "
+                "(timm builds ECA ResNet/ResNeXt through block_args and EfficientNet through se_layer, with "
+                "sigmoid gates). Use the --output checkpoint with eca_surgery.load_patched instead."
+            )
         if checkpoint is None and not dry_run:
             err.print("Note: no --checkpoint given; the source weights are timm's random initialisation.")
         report = plan_to_dict(result.plan)
-        report.update(source_weights=result.source, check=result.check, dry_run=dry_run)
-        if not dry_run:
+        report.update(result.macs)
+        report.update(
+            source_weights=result.source, check=result.check, dry_run=dry_run, timm_native=result.native
+        )
+        if not dry_run and output is not None:
             path = save_patched(
                 result.model,
                 output,
                 result.plan,
                 model_kwargs=result.model_kwargs,
                 source=result.source,
+                native=result.native,
                 force=force,
             )
             report["output"] = str(path)
+        if not dry_run and timm_dir is not None:
+            from .native import save_timm_dir
+
+            report["timm_dir"] = str(save_timm_dir(result.native, result.model.state_dict(), timm_dir, force))
         if json_out:
             _print_json(report)
             return
@@ -189,10 +217,17 @@ def convert(
                 f"Forward check: input {_shape(result.check['input_shape'])} -> output "
                 f"{_shape(result.check['output_shape'])}, finite, same shape as the original."
             )
+        if result.native:
+            kw = json.dumps(result.native["kwargs"])
+            out.print(
+                f"timm builds this itself: timm.create_model({result.native['model']!r}, **{kw})",
+                highlight=False,
+            )
         if dry_run:
             out.print("Dry run: nothing was written.")
-        else:
-            out.print(f"Wrote [bold]{escape(report['output'])}[/]")
+        for key in ("output", "timm_dir"):
+            if key in report:
+                out.print(f"Wrote [bold]{escape(report[key])}[/]")
 
 
 @app.command()
@@ -241,6 +276,50 @@ def list_recipes() -> None:
         for name, path in sorted(bundled_recipes().items()):
             table.add_row(name, load_recipe(path).description or "")
         out.print(table)
+
+
+@app.command()
+def scan(
+    pattern: Annotated[
+        str, typer.Argument(help="timm model-name pattern, e.g. 'seres*' (default: all).")
+    ] = "*",
+    sort: Annotated[
+        str, typer.Option("--sort", help="Order rows by: saving, saving-pct, params or name.")
+    ] = "saving",
+    flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count GMACs before and after.")] = True,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Show only the first N rows.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Scan timm's models (on the meta device) for SE blocks and what SE-to-ECA would save."""
+    with _user_errors():
+        from .scan import SORT_KEYS
+
+        if sort not in SORT_KEYS:
+            raise SurgeryError(f"--sort {sort!r} is not one of: {', '.join(SORT_KEYS)}.")
+        import timm
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .report import render_scan
+        from .scan import scan as scan_models
+
+        names = timm.list_models(pattern)
+        if not names:
+            raise SurgeryError(
+                f"No timm model matches {pattern!r}; try a wider pattern such as '*{pattern}*'."
+            )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("scanning", total=len(names))
+
+            def advance(name: str) -> None:
+                progress.update(task, advance=1, description=f"scanning {name}")
+
+            result = scan_models(names, flops=flops, on_model=advance)
+        result.rows.sort(key=SORT_KEYS[sort])
+        if json_out:
+            _print_json(result.to_dict())
+            return
+        render_scan(out, result.to_dict(), limit)
 
 
 recipe_app = typer.Typer(

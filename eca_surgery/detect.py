@@ -74,3 +74,32 @@ def find_se_blocks(model: nn.Module) -> list[SEBlock]:
         if adapter is not None:
             found.append(SEBlock(path, module, adapter.channels(module), adapter.gate(module)))
     return found
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def looks_se_like(module: nn.Module) -> bool:
+    """By structure alone: a squeeze (pointwise C -> r) and an excite (r -> C) layer,
+    with r < C, and a gate, among a handful of direct children."""
+    children = list(module.children())
+    if not 2 <= len(children) <= 8:
+        return False
+    pointwise = [c for c in children if _is_pointwise(c)]
+    gated = any("gate" in n or "sigmoid" in type(c).__name__.lower() for n, c in module.named_children())
+    if len(pointwise) != 2 or not gated:
+        return False
+    reduce, expand = (c.weight.shape for c in pointwise)
+    return reduce[1] == expand[0] and reduce[0] == expand[1] and reduce[0] < reduce[1]
+
+
+def find_unknown_se_like(model: nn.Module) -> list[str]:
+    """Paths of modules that look like SE blocks but have no adapter, so are not converted."""
+    return [
+        f"{path} ({qualified_name(type(m))})"
+        for path, m in model.named_modules()
+        if find_adapter(m) is None and looks_se_like(m)
+    ]

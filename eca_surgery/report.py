@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -125,8 +127,51 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
         f"Parameters: {report['params_before']:,} -> {report['params_after']:,} "
         f"({_signed(report['params_delta'])}, {report['params_delta_pct']:+.2f}%)"
     )
+    if report.get("macs_before") is not None and report.get("macs_after") is not None:
+        console.print(
+            f"GMACs at {'x'.join(map(str, report['input_size']))}: {report['macs_before'] / 1e9:.3f} -> "
+            f"{report['macs_after'] / 1e9:.3f} (multiply-adds of convs and matmuls; FLOPs = 2 x MACs)"
+        )
     if report["params_removed"] or report["params_added"]:
         console.print(
             f"Parameters removed (replaced modules): {report['params_removed']:,}; "
             f"ECA parameters added: {report['params_added']:,}"
         )
+
+
+def _gmacs(macs: int | None) -> str:
+    return "-" if macs is None else f"{macs / 1e9:.3f}"
+
+
+def render_scan(console: Console, report: dict[str, Any], limit: int | None = None) -> None:
+    """Print a scan: one row per model with SE blocks, then failures and a summary."""
+    from rich.table import Table
+
+    rows = report["models"][:limit] if limit else report["models"]
+    table = Table(title="SE blocks in timm models and SE-to-ECA savings", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    table.add_column("SE blocks")
+    for name in ("params (M)", "after", "saving (M)", "%", "GMACs", "after"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        blocks = ", ".join(f"{c}x{n}" for n, c in r["se_blocks"].items()) or "-"
+        if r["unknown_se_like"]:
+            blocks += f" (+{len(r['unknown_se_like'])} unknown SE-like)"
+        table.add_row(
+            r["model"],
+            blocks,
+            f"{r['params_before'] / 1e6:.2f}",
+            f"{r['params_after'] / 1e6:.2f}",
+            f"{r['saving'] / 1e6:.3f}",
+            f"{r['saving_pct']:.1f}",
+            _gmacs(r["macs_before"]),
+            _gmacs(r["macs_after"]),
+        )
+    console.print(table)
+    for name, reason in report["failures"].items():
+        console.print(f"[yellow]failed[/] {escape(name)}: {escape(reason)}", highlight=False)
+    console.print(
+        f"Scanned {report['scanned']} models: {report['with_se']} with SE blocks, "
+        f"{report['without_se']} without, {report['failed']} failed to build. "
+        "GMACs: multiply-adds at the default input size (FLOPs = 2 x MACs)."
+    )

@@ -15,7 +15,9 @@ from torch import nn
 from .apply import apply_plan
 from .detect import SEBlock, find_se_blocks
 from .errors import SurgeryError
+from .flops import count_macs
 from .models import build_with_weights, check_fits, create_model, input_size, read_safetensors, shapes_of
+from .native import find_native
 from .plan import Plan, make_plan
 from .recipe import Recipe
 
@@ -26,6 +28,7 @@ class Inspection:
     se_blocks: list[SEBlock]
     params: int
     plan: Plan | None
+    macs: dict[str, Any]
 
 
 @dataclass
@@ -35,13 +38,29 @@ class Conversion:
     model_kwargs: dict[str, Any]
     source: str
     check: dict[str, Any] | None
+    macs: dict[str, Any]
+    native: dict[str, Any] | None = None
+
+
+def macs_before_after(meta_model: nn.Module, plan: Plan | None) -> dict[str, Any]:
+    """MACs at the default input size before and after ``plan``, counted on the meta
+    device. Applies the plan to ``meta_model``: pass a model you no longer need."""
+    size = list(input_size(meta_model))
+    before = count_macs(meta_model)
+    after = before
+    if plan is not None and plan.edits:
+        apply_plan(meta_model, plan)
+        after = count_macs(meta_model)
+    return {"input_size": size, "macs_before": before, "macs_after": after}
 
 
 def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) -> Inspection:
-    """The SE blocks of a model and, with a recipe, the plan; allocates no weights."""
+    """The SE blocks of a model and, with a recipe, the plan and MACs; allocates no weights."""
     model = create_model(model_name, meta=True, **model_kwargs)
     plan = make_plan(model, recipe, model_name) if recipe is not None else None
-    return Inspection(model_name, find_se_blocks(model), sum(p.numel() for p in model.parameters()), plan)
+    blocks = find_se_blocks(model)
+    params = sum(p.numel() for p in model.parameters())
+    return Inspection(model_name, blocks, params, plan, macs_before_after(model, plan))
 
 
 def convert(
@@ -65,7 +84,12 @@ def convert(
         model = create_model(model_name, meta=True, **model_kwargs)
         if checkpoint is not None:
             check_fits(model, shapes_of(read_safetensors(checkpoint)[0]), what, model_name)
-        return Conversion(model, make_plan(model, recipe, model_name), model_kwargs, source, None)
+        plan = make_plan(model, recipe, model_name)
+        meta = create_model(model_name, meta=True, **model_kwargs)
+        macs = macs_before_after(meta, plan)  # leaves ``meta`` patched
+        return Conversion(
+            model, plan, model_kwargs, source, None, macs, find_native(model_name, model_kwargs, meta, plan)
+        )
 
     torch.manual_seed(seed)
     if checkpoint is not None:
@@ -78,7 +102,9 @@ def convert(
     expected = _forward_shape(model, sample)
     apply_plan(model, plan)
     check = forward_check(model, sample, expected)
-    return Conversion(model, plan, model_kwargs, source, check)
+    macs = macs_before_after(create_model(model_name, meta=True, **model_kwargs), plan)
+    native = find_native(model_name, model_kwargs, model, plan)
+    return Conversion(model, plan, model_kwargs, source, check, macs, native)
 
 
 def _sample_input(model: nn.Module, seed: int) -> torch.Tensor:

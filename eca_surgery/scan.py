@@ -1,0 +1,119 @@
+"""Scan timm's model zoo: which models have SE blocks, and what SE-to-ECA would save.
+
+Every model is built on the meta device (no weights allocated), so a scan of the
+whole zoo costs only the time to construct each model and count its MACs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import SurgeryError
+from .recipe import EcaOptions, Recipe, Rule, Selector
+
+SE_TO_ECA = Recipe(rules=(Rule("replace", Selector(se=True), EcaOptions()),), name="se-to-eca")
+
+
+@dataclass
+class ScanRow:
+    """One model with SE blocks and what replacing them with ECA gives."""
+
+    model: str
+    se_blocks: dict[str, int]
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    unknown_se_like: list[str] = field(default_factory=list)
+
+    @property
+    def saving(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def saving_pct(self) -> float:
+        return 100.0 * self.saving / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "saving": self.saving, "saving_pct": round(self.saving_pct, 4)}
+
+
+@dataclass
+class ScanResult:
+    rows: list[ScanRow]
+    failures: dict[str, str]
+    without_se: int
+    scanned: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scanned": self.scanned,
+            "with_se": len(self.rows),
+            "without_se": self.without_se,
+            "failed": len(self.failures),
+            "models": [r.to_dict() for r in self.rows],
+            "failures": self.failures,
+        }
+
+
+def scan_model(name: str, flops: bool = True) -> ScanRow | None:
+    """Plan SE-to-ECA for one model on the meta device; None if it has no SE blocks."""
+    from .detect import find_se_blocks, find_unknown_se_like
+    from .models import create_model
+    from .plan import make_plan
+    from .surgery import macs_before_after
+
+    model = create_model(name, meta=True)
+    blocks = find_se_blocks(model)
+    unknown = find_unknown_se_like(model)
+    if not blocks:
+        return ScanRow(name, {}, 0, 0, None, None, unknown) if unknown else None
+    plan = make_plan(model, SE_TO_ECA, name)
+    macs = macs_before_after(model, plan) if flops else {"macs_before": None, "macs_after": None}
+    counts = Counter(b.class_name.rsplit(".", 1)[-1] for b in blocks)
+    return ScanRow(
+        name,
+        dict(counts),
+        plan.params_before,
+        plan.params_after,
+        macs["macs_before"],
+        macs["macs_after"],
+        unknown,
+    )
+
+
+def scan(
+    names: Iterable[str],
+    flops: bool = True,
+    on_model: Callable[[str], None] | None = None,
+) -> ScanResult:
+    """Scan ``names``; a model that fails to build or plan is recorded with its reason."""
+    rows, failures, without, scanned = [], {}, 0, 0
+    for name in names:
+        scanned += 1
+        if on_model is not None:
+            on_model(name)
+        try:
+            row = scan_model(name, flops)
+        except SurgeryError as exc:
+            failures[name] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken model must not stop the scan
+            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
+        if row is None:
+            without += 1
+        else:
+            rows.append(row)
+    return ScanResult(rows, failures, without, scanned)
+
+
+SORT_KEYS: dict[str, Callable[[ScanRow], Any]] = {
+    "saving": lambda r: -r.saving,
+    "saving-pct": lambda r: -r.saving_pct,
+    "params": lambda r: -r.params_before,
+    "name": lambda r: r.model,
+}

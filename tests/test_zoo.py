@@ -1,0 +1,105 @@
+"""Full SE coverage, FLOPs, the zoo scan and timm-native export."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from cli_helpers import run_fail, run_ok
+
+import eca_surgery
+from eca_surgery.flops import count_macs
+from eca_surgery.models import create_model
+from eca_surgery.recipe import load_recipe
+from eca_surgery.surgery import convert
+
+
+def test_macs_match_timm_model_cards():
+    # timm's cards: resnet50 4.1 GMACs, efficientnet_b0 0.39 GMACs at 224
+    assert round(count_macs(create_model("resnet50", meta=True)) / 1e9, 1) == 4.1
+    assert round(count_macs(create_model("efficientnet_b0", meta=True)) / 1e9, 2) == 0.39
+
+
+def test_inspect_and_convert_report_macs(tmp_path):
+    report = json.loads(run_ok(["inspect", "seresnet18", "-r", "se-to-eca", "--json"]))
+    assert report["input_size"] == [3, 224, 224]
+    timm_eca = timm.create_model("resnet18", block_args=dict(attn_layer="eca"))
+    assert report["macs_after"] == count_macs(timm_eca)
+    assert report["macs_after"] < report["macs_before"]
+    converted = json.loads(
+        run_ok(["convert", "seresnet18", "-r", "se-to-eca", "-o", str(tmp_path / "m.safetensors"), "--json"])
+    )
+    assert (converted["macs_before"], converted["macs_after"]) == (
+        report["macs_before"],
+        report["macs_after"],
+    )
+
+
+def test_scan_lists_se_models_with_savings():
+    report = json.loads(run_ok(["scan", "seresnet1*", "--json"]))
+    rows = {r["model"]: r for r in report["models"]}
+    assert {"seresnet18", "seresnet101", "seresnet152"} <= set(rows)
+    assert report["failed"] == 0
+    r18 = rows["seresnet18"]
+    assert r18["se_blocks"] == {"SEModule": 8}
+    assert r18["params_after"] == sum(
+        p.numel() for p in timm.create_model("resnet18", block_args={"attn_layer": "eca"}).parameters()
+    )
+    assert r18["saving"] == r18["params_before"] - r18["params_after"] > 0
+    savings = [r["saving"] for r in report["models"]]
+    assert savings == sorted(savings, reverse=True)
+    table = run_ok(["scan", "seresnet1*", "--sort", "name", "--no-flops"])
+    assert "seresnet18" in table and "with SE blocks" in table
+
+
+def test_scan_reports_models_without_se_and_bad_patterns(tmp_path):
+    report = json.loads(run_ok(["scan", "resnet18", "--json"]))
+    assert report["with_se"] == 0 and report["without_se"] == 1
+    assert "No timm model matches" in run_fail(["scan", "no_such_model_*"], tmp_path)
+    assert "--sort" in run_fail(["scan", "resnet18", "--sort", "size"], tmp_path)
+
+
+def test_timm_dir_export_loads_in_plain_timm(tmp_path):
+    out, tdir = tmp_path / "m.safetensors", tmp_path / "seresnet50-eca"
+    report = json.loads(
+        run_ok(
+            ["convert", "seresnet50", "-r", "se-to-eca", "-o", str(out), "--timm-dir", str(tdir), "--json"]
+        )
+    )
+    assert report["timm_native"] == {"model": "seresnet50", "kwargs": {"block_args": {"attn_layer": "eca"}}}
+    assert sorted(p.name for p in tdir.iterdir()) == ["config.json", "model.safetensors"]
+    x = torch.randn(2, 3, 224, 224)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, timm, torch
+        model = timm.create_model("local-dir:{tdir}", pretrained=True).eval()
+        assert "eca_surgery" not in sys.modules
+        with torch.no_grad():
+            torch.save(model(torch.load("{tmp_path / "x.pt"}")), "{tmp_path / "y.pt"}")
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        expected = eca_surgery.load_patched(out)(x)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_timm_dir_refused_where_timm_cannot_build_the_variant(tmp_path):
+    msg = run_fail(["convert", "regnety_002", "-r", "se-to-eca", "--timm-dir", str(tmp_path / "d")], tmp_path)
+    assert "timm cannot build this ECA variant" in msg
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "seresnext26d_32x4d"])
+def test_native_variants_match_timm(name):
+    result = convert(name, load_recipe("se-to-eca"))
+    assert result.native is not None
+    native = timm.create_model(result.native["model"], **result.native["kwargs"]).eval()
+    assert sum(p.numel() for p in native.parameters()) == result.plan.params_after
+    native.load_state_dict(result.model.state_dict(), strict=True)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(native(x), result.model(x), rtol=0, atol=0)
