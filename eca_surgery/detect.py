@@ -1,15 +1,26 @@
 """What counts as a Squeeze-and-Excitation block, and where its channel count lives.
 
-Each known SE class has a small adapter that reads the block's channel count from
-its own weights (the squeeze convolution's input channels), never from the block's
-constructor arguments or its parent: several timm models run SE on a block's
-expanded channels, not its output channels. Shapes are read, not values, so this
-works on models built on the meta device.
+Each SE-like class in timm has a small adapter that says which of its layers squeezes
+(whose input channels are the block's channels C, read from the weight's shape, never
+from the block's constructor arguments or its parent: several timm models run SE on a
+block's expanded channels) and which attribute is its gate. Shapes are read, not
+values, so detection works on models built on the meta device.
+
+Known classes (timm 1.0.31 census: 353 models): ``timm.layers.SEModule`` (ResNet,
+RegNetY, ReXNet with a BatchNorm, GCViT without bias, MaxViT/CoAtNet, ByobNet, NFNet,
+FastViT, ...), ``timm.layers.EffectiveSEModule`` (VoVNet, CSPNeXt, RDNet),
+EfficientNet/MobileNetV3/GhostNet ``SqueezeExcite``, the legacy SENets'
+``timm.models.senet.SEModule`` and HGNet's ``EseModule``. Global-context,
+split-attention, selective-kernel and CBAM blocks are not SE and are left alone.
+Modules that look like SE by structure but have no adapter are reported by
+``find_unknown_se_like``.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from functools import cache
 
 from torch import nn
 
@@ -30,16 +41,18 @@ class SEBlock:
 
 @dataclass(frozen=True)
 class SEAdapter:
-    """How to read one SE class: the weight whose input channels are the block's channels."""
+    """How to read one SE class: its squeeze layer (weight ``(r, C, 1, 1)``, or ``(C, C, 1, 1)``
+    for the single-layer 'effective' SE) and its gate attribute."""
 
     cls: type[nn.Module]
     squeeze: str
+    gate_attr: str = "gate"
 
     def channels(self, module: nn.Module) -> int:
         return int(module.get_submodule(self.squeeze).weight.shape[1])
 
     def gate(self, module: nn.Module) -> type[nn.Module] | None:
-        gate = getattr(module, "gate", None)
+        gate = getattr(module, self.gate_attr, None)
         return type(gate) if isinstance(gate, nn.Module) else None
 
 
@@ -47,21 +60,33 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _adapters() -> list[SEAdapter]:
-    from timm.layers import EffectiveSEModule, SEModule
-    from timm.models._efficientnet_blocks import SqueezeExcite
+# (module, class, squeeze layer, gate attribute) of every SE-like class timm has
+_KNOWN = (
+    ("timm.layers.squeeze_excite", "SEModule", "fc1", "gate"),
+    ("timm.layers.squeeze_excite", "EffectiveSEModule", "fc", "gate"),
+    ("timm.models._efficientnet_blocks", "SqueezeExcite", "conv_reduce", "gate"),
+    ("timm.models.senet", "SEModule", "fc1", "sigmoid"),
+    ("timm.models.hgnet", "EseModule", "conv", "sigmoid"),
+)
 
-    return [
-        SEAdapter(SEModule, "fc1"),
-        SEAdapter(EffectiveSEModule, "fc"),
-        SEAdapter(SqueezeExcite, "conv_reduce"),
-    ]
+
+@cache
+def adapters() -> tuple[SEAdapter, ...]:
+    """Adapters for the SE classes of the installed timm (a class it lacks is skipped)."""
+    found = []
+    for module_name, cls_name, squeeze, gate in _KNOWN:
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        found.append(SEAdapter(cls, squeeze, gate))
+    return tuple(found)
 
 
 def find_adapter(module: nn.Module) -> SEAdapter | None:
     """The adapter for ``module`` if it is a known SE block, else None."""
-    for adapter in _adapters():
-        if isinstance(module, adapter.cls):
+    for adapter in adapters():
+        if type(module) is adapter.cls:
             return adapter
     return None
 
@@ -90,10 +115,12 @@ def looks_se_like(module: nn.Module) -> bool:
         return False
     pointwise = [c for c in children if _is_pointwise(c)]
     gated = any("gate" in n or "sigmoid" in type(c).__name__.lower() for n, c in module.named_children())
-    if len(pointwise) != 2 or not gated:
+    if not gated or len(pointwise) not in (1, 2):
         return False
+    if len(pointwise) == 1:  # 'effective' SE: one C -> C layer
+        return pointwise[0].weight.shape[0] == pointwise[0].weight.shape[1]
     reduce, expand = (c.weight.shape for c in pointwise)
-    return reduce[1] == expand[0] and reduce[0] == expand[1] and reduce[0] < reduce[1]
+    return reduce[1] == expand[0] and reduce[0] == expand[1] and reduce[0] <= reduce[1]
 
 
 def find_unknown_se_like(model: nn.Module) -> list[str]:

@@ -1,10 +1,11 @@
 """timm-native ECA variants: the timm model name and kwargs that build a patched model
 directly, so its weights load into plain timm with no eca-surgery installed.
 
-Candidates come from what each timm family exposes (ResNet's ``block_args`` attention
-layer, EfficientNet's ``se_layer``); a candidate is accepted only if timm builds it
-(on the meta device) with exactly the patched model's state_dict keys and shapes and
-every ECA uses the sigmoid gate of timm's ``EcaModule``.
+Candidates come from what timm's families expose: ResNet's ``block_args`` attention
+layer, EfficientNet's ``se_layer``, ByobNet's and NFNet's ``attn_layer``, VoVNet's
+``attn``, MaxViT/CoAtNet's ``conv_attn_layer``. A candidate is accepted only if timm
+builds it (on the meta device) with exactly the patched model's state_dict keys and
+shapes, and every ECA uses the sigmoid gate of timm's ``EcaModule``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from .plan import Plan
 
 
 def _candidates(model: nn.Module, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
     from timm.models.resnet import ResNet
 
     if isinstance(model, ResNet):
         return [{**kwargs, "block_args": {**kwargs.get("block_args", {}), "attn_layer": "eca"}}]
-    if isinstance(model, (EfficientNet, EfficientNetFeatures)):
-        return [{**kwargs, "se_layer": "eca"}]
-    return []
+    return [
+        {**kwargs, **extra}
+        for extra in (
+            {"se_layer": "eca"},
+            {"attn_layer": "eca", "attn_kwargs": {}},
+            {"attn": "eca"},
+            {"conv_attn_layer": "eca"},
+        )
+    ]
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,7 @@
 """Full SE coverage, FLOPs, the zoo scan and timm-native export."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -103,3 +104,94 @@ def test_native_variants_match_timm(name):
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         torch.testing.assert_close(native(x), result.model(x), rtol=0, atol=0)
+
+
+def _kernel(channels):
+    t = int(abs((math.log2(channels) + 1) / 2))
+    return t if t % 2 else t + 1
+
+
+# (model, SE class) per the timm census; the parameter delta is computed here
+# independently: sum of ECA kernel sizes minus every parameter of every SE module
+MUST_CONVERT = [
+    ("efficientnet_b0", "SqueezeExcite"),
+    ("mobilenetv3_large_100", "SqueezeExcite"),
+    ("regnety_032", "SEModule"),
+    ("rexnet_100", "SEModule"),
+    ("ese_vovnet19b_dw", "EffectiveSEModule"),
+    ("legacy_seresnet18", "SEModule"),
+    ("hgnet_tiny", "EseModule"),
+]
+
+
+@pytest.mark.parametrize("name,se_class", MUST_CONVERT)
+def test_every_se_class_converts(name, se_class):
+    original = timm.create_model(name).eval()
+    se = {
+        p: m
+        for p, m in original.named_modules()
+        if type(m).__name__ == se_class
+        and any(n in type(m).__module__ for n in ("squeeze_excite", "efficientnet", "senet", "hgnet"))
+    }
+    assert se
+    removed = sum(p.numel() for m in se.values() for p in m.parameters())
+    first = {p: next(iter(m.parameters())) for p, m in se.items()}  # the squeeze layer: (r or C, C, 1, 1)
+    added = sum(_kernel(w.shape[1]) for w in first.values())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        expected_shape = original(x).shape
+    result = convert(name, load_recipe("se-to-eca"))
+    assert sorted(e.path for e in result.plan.edits) == sorted(se)
+    assert result.plan.params_delta == added - removed
+    model = result.model
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == sum(p.numel() for p in original.parameters()) + added - removed
+    )
+    assert not any(type(m).__name__ == se_class for m in model.modules())
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected_shape and torch.isfinite(out).all()
+
+
+def test_gate_keep_reuses_hard_sigmoid():
+    text = "version: 1\nrules:\n  - action: replace\n    select: {se: true}\n    eca: {gate: keep}\n"
+    from eca_surgery.plan import make_plan
+    from eca_surgery.recipe import parse_recipe
+
+    plan = make_plan(create_model("mobilenetv3_large_100", meta=True), parse_recipe(text), "m")
+    assert {e.gate for e in plan.edits} == {"hard_sigmoid"}
+    default = make_plan(create_model("mobilenetv3_large_100", meta=True), load_recipe("se-to-eca"), "m")
+    assert {e.gate for e in default.edits} == {"sigmoid"}
+
+
+def test_unknown_se_like_modules_are_reported():
+    from torch import nn
+
+    from eca_surgery.detect import find_se_blocks, find_unknown_se_like
+
+    class HomeMadeSE(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.reduce = nn.Conv2d(c, c // 4, 1)
+            self.expand = nn.Conv2d(c // 4, c, 1)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x):
+            return x * self.gate(self.expand(self.reduce(x.mean((2, 3), keepdim=True))))
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), HomeMadeSE(32), nn.ReLU())
+    assert find_se_blocks(model) == []
+    assert find_unknown_se_like(model) == [f"1 ({HomeMadeSE.__module__}.{HomeMadeSE.__qualname__})"]
+    # global context, split attention and selective kernel blocks are not SE
+    for name in ("resnest14d", "skresnet18", "gcresnext26ts"):
+        meta = create_model(name, meta=True)
+        assert find_se_blocks(meta) == [] and find_unknown_se_like(meta) == []
+
+
+@pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "seresnext26ts"])
+def test_more_native_variants_match_timm_in_params_and_keys(name):
+    result = convert(name, load_recipe("se-to-eca"), dry_run=True)
+    assert result.native is not None
+    native = create_model(result.native["model"], meta=True, **result.native["kwargs"])
+    assert sum(p.numel() for p in native.parameters()) == result.plan.params_after
