@@ -24,11 +24,11 @@ from .models import (
     create_model,
     has_only_persistent_state,
     load_into,
-    read_safetensors,
     shapes_of,
 )
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
+from .weights import read_safetensors
 
 FORMAT = "eca-surgery"
 FORMAT_VERSION = "1"

@@ -134,8 +134,22 @@ def convert(
     ] = None,
     checkpoint: Annotated[
         Optional[Path],
-        typer.Option("--checkpoint", "-c", help="Source weights: a safetensors state_dict of MODEL."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Source weights of MODEL: .safetensors, or a .pth/.pt/.bin state_dict (read with weights_only=True).",
+        ),
     ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option("--pretrained", help="Source weights: timm's pretrained weights (Hugging Face cache)."),
+    ] = False,
+    non_strict: Annotated[
+        bool,
+        typer.Option(
+            "--non-strict", help="Load what fits of a checkpoint that does not fit, and report the rest."
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
@@ -178,20 +192,43 @@ def convert(
             raise SurgeryError(
                 f"{str(timm_dir)!r} already exists and was left untouched; pass --force to replace it."
             )
-        result = convert_model(model, parsed, checkpoint=checkpoint, dry_run=dry_run, seed=seed, **kwargs)
+        result = convert_model(
+            model,
+            parsed,
+            checkpoint=checkpoint,
+            pretrained=pretrained,
+            strict=not non_strict,
+            dry_run=dry_run,
+            seed=seed,
+            **kwargs,
+        )
         if timm_dir is not None and result.native is None:
             raise SurgeryError(
                 f"timm cannot build this ECA variant of {model} itself, so --timm-dir has nothing to write "
                 "(timm builds ECA ResNet/ResNeXt through block_args and EfficientNet through se_layer, with "
                 "sigmoid gates). Use the --output checkpoint with eca_surgery.load_patched instead."
             )
-        if checkpoint is None and not dry_run:
-            err.print("Note: no --checkpoint given; the source weights are timm's random initialisation.")
+        if checkpoint is None and not pretrained and not dry_run:
+            err.print(
+                "Note: no --checkpoint or --pretrained; the source weights are timm's random initialisation."
+            )
+        for label, keys in (
+            ("left at initialisation (missing)", result.loaded["missing"]),
+            ("ignored (unexpected or wrong shape)", result.loaded["ignored"]),
+        ):
+            if keys:
+                more = f", ... ({len(keys) - 5} more)" if len(keys) > 5 else ""
+                err.print(
+                    f"Warning: --non-strict: {len(keys)} weights {label}: {', '.join(keys[:5])}{more}",
+                    highlight=False,
+                )
         report = plan_to_dict(result.plan)
         report.update(result.macs)
         report.update(
             source_weights=result.source, check=result.check, dry_run=dry_run, timm_native=result.native
         )
+        if non_strict:
+            report["non_strict"] = result.loaded
         if not dry_run and output is not None:
             path = save_patched(
                 result.model,
@@ -214,8 +251,9 @@ def convert(
         render_totals(out, report)
         if result.check:
             out.print(
-                f"Forward check: input {_shape(result.check['input_shape'])} -> output "
-                f"{_shape(result.check['output_shape'])}, finite, same shape as the original."
+                f"Forward check: output shape at {'x'.join(map(str, report.get('input_size', [])))} unchanged "
+                f"({_shape(result.check['output_shape_at_default_size'])}); outputs on a "
+                f"{_shape(result.check['input_shape'])} input are finite."
             )
         if result.native:
             kw = json.dumps(result.native["kwargs"])

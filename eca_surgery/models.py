@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,25 +41,6 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     """The model's default (C, H, W) input size, from its timm pretrained config."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     return tuple(cfg.get("input_size", (3, 224, 224)))
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, with clear errors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist; check the path.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable safetensors file ({exc}). "
-            "Pass a .safetensors file saved from the source model's state_dict."
-        ) from None
-    return tensors, metadata
 
 
 def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], what: str, name: str) -> None:
@@ -107,15 +87,31 @@ def has_only_persistent_state(model: nn.Module) -> bool:
 
 
 def build_with_weights(
-    name: str, state_dict: Mapping[str, torch.Tensor], what: str, **kwargs: Any
-) -> nn.Module:
-    """Build ``name`` and load ``state_dict`` into it strictly, without initialising
-    weights that the state_dict overwrites anyway where the model allows it."""
+    name: str, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True, **kwargs: Any
+) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Build ``name`` and load ``state_dict`` into it.
+
+    Strict (the default): the state_dict must fit exactly (else CheckpointError), and the
+    model is built on the meta device and loaded by assignment, so no weight is
+    initialised only to be overwritten. Non-strict: the model is initialised, the
+    tensors that fit are loaded, and the report lists what was left at initialisation
+    (missing) and what was ignored (unexpected or of the wrong shape).
+    """
     model = create_model(name, meta=True, **kwargs)
+    if not strict:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        fits = {k: v for k, v in state_dict.items() if expected.get(k) == tuple(v.shape)}
+        model = create_model(name, **kwargs)
+        model.load_state_dict(fits, strict=False)
+        report = {
+            "missing": [k for k in expected if k not in fits],
+            "ignored": [k for k in state_dict if k not in fits],
+        }
+        return model, report
     check_fits(model, shapes_of(state_dict), what, name)
     if not has_only_persistent_state(model):
         model = create_model(name, **kwargs)
-    return load_into(model, state_dict)
+    return load_into(model, state_dict), {"missing": [], "ignored": []}
 
 
 def _tensors(model: nn.Module):

@@ -5,7 +5,7 @@ This is the Python API behind the CLI; it knows nothing of typer or rich.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from .apply import apply_plan
 from .detect import SEBlock, find_se_blocks
 from .errors import SurgeryError
 from .flops import count_macs
-from .models import build_with_weights, check_fits, create_model, input_size, read_safetensors, shapes_of
+from .models import build_with_weights, check_fits, create_model, input_size, shapes_of
 from .native import find_native
 from .plan import Plan, make_plan
 from .recipe import Recipe
+from .weights import pretrained_file, read_state_dict
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Conversion:
     check: dict[str, Any] | None
     macs: dict[str, Any]
     native: dict[str, Any] | None = None
+    loaded: dict[str, list[str]] = field(default_factory=lambda: {"missing": [], "ignored": []})
 
 
 def macs_before_after(meta_model: nn.Module, plan: Plan | None) -> dict[str, Any]:
@@ -63,54 +65,99 @@ def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) 
     return Inspection(model_name, blocks, params, plan, macs_before_after(model, plan))
 
 
+def source_weights(
+    model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
+) -> tuple[Path | None, str]:
+    """The file the source weights come from (None: random init) and a description of it."""
+    if checkpoint is not None and pretrained:
+        raise SurgeryError("Pass either --checkpoint FILE or --pretrained, not both.")
+    if pretrained:
+        return pretrained_file(model_name)
+    if checkpoint is not None:
+        return Path(checkpoint), str(checkpoint)
+    return None, "random init (timm, pretrained=False)"
+
+
 def convert(
     model_name: str,
     recipe: Recipe,
     *,
     checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    strict: bool = True,
     dry_run: bool = False,
+    check: bool = True,
+    flops: bool = True,
     seed: int = 0,
     **model_kwargs: Any,
 ) -> Conversion:
     """Load the source model, plan the recipe, apply it and check a forward pass.
 
-    Source weights come from ``checkpoint`` (a safetensors state_dict of the source
-    model) or, without one, from timm's random initialisation. With ``dry_run`` only
-    the plan is made (and the checkpoint's keys checked); nothing is built or run.
+    Source weights come from ``checkpoint`` (safetensors, or a PyTorch state_dict read
+    with ``weights_only=True``), from timm's pretrained weights in the Hugging Face
+    cache (``pretrained``), or else from timm's random initialisation. With a file, the
+    model is built on the meta device and the weights assigned (nothing is initialised
+    twice); ``strict=False`` instead loads what fits and reports the rest.
+
+    The plan is made on a meta-device twin of the model, which also gives the output
+    shape at the default input size for free; ``check`` then runs the patched model
+    on a small real input for finite values. With ``dry_run`` only the plan is made
+    (and a checkpoint's keys checked); nothing is built or run.
     """
-    what = f"Checkpoint {str(checkpoint)!r}"
-    source = str(checkpoint) if checkpoint else "random init (timm, pretrained=False)"
+    path, source = source_weights(model_name, checkpoint, pretrained)
+    what = f"Checkpoint {str(path)!r}"
+    meta = create_model(model_name, meta=True, **model_kwargs).eval()
+    plan = make_plan(meta, recipe, model_name)
     if dry_run:
-        model = create_model(model_name, meta=True, **model_kwargs)
-        if checkpoint is not None:
-            check_fits(model, shapes_of(read_safetensors(checkpoint)[0]), what, model_name)
-        plan = make_plan(model, recipe, model_name)
-        meta = create_model(model_name, meta=True, **model_kwargs)
-        macs = macs_before_after(meta, plan)  # leaves ``meta`` patched
+        if path is not None and strict:
+            check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
+        macs = macs_before_after(meta, plan) if flops else {}
+        if not flops:
+            apply_plan(meta, plan)
         return Conversion(
-            model, plan, model_kwargs, source, None, macs, find_native(model_name, model_kwargs, meta, plan)
+            meta, plan, model_kwargs, source, None, macs, find_native(model_name, model_kwargs, meta, plan)
         )
 
+    expected = _meta_output_shape(meta)
     torch.manual_seed(seed)
-    if checkpoint is not None:
-        model = build_with_weights(model_name, read_safetensors(checkpoint)[0], what, **model_kwargs)
+    loaded = {"missing": [], "ignored": []}
+    if path is not None:
+        model, loaded = build_with_weights(
+            model_name, read_state_dict(path), what, strict=strict, **model_kwargs
+        )
     else:
         model = create_model(model_name, **model_kwargs)
     model.eval()
-    plan = make_plan(model, recipe, model_name)
-    sample = _sample_input(model, seed)
-    expected = _forward_shape(model, sample)
     apply_plan(model, plan)
-    check = forward_check(model, sample, expected)
-    macs = macs_before_after(create_model(model_name, meta=True, **model_kwargs), plan)
-    native = find_native(model_name, model_kwargs, model, plan)
-    return Conversion(model, plan, model_kwargs, source, check, macs, native)
+    macs = macs_before_after(meta, plan) if flops else {}  # leaves ``meta`` patched
+    if not flops:
+        apply_plan(meta, plan)
+    if _meta_output_shape(meta) != expected:
+        raise SurgeryError(
+            f"The patched model's output shape differs from the original's {expected}; the recipe "
+            "changed the model's function beyond channel attention. Report this with the recipe."
+        )
+    result = forward_check(model, _sample_input(model, seed)) if check else None
+    if result is not None:
+        result["output_shape_at_default_size"] = expected
+    native = find_native(model_name, model_kwargs, meta, plan)
+    return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded)
+
+
+def _meta_output_shape(meta: nn.Module) -> list:
+    x = torch.empty(1, *input_size(meta), device="meta")
+    with torch.no_grad():
+        return _shape_of(meta(x))
 
 
 def _sample_input(model: nn.Module, seed: int) -> torch.Tensor:
+    """A small input (side at most 64, or the default size for fixed-size models)."""
     ref = next(model.parameters())
+    c, h, w = input_size(model)
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size", False):
+        h, w = min(h, 64), min(w, 64)
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, *input_size(model), generator=gen).to(ref.device, ref.dtype)
+    return torch.randn(1, c, h, w, generator=gen).to(ref.device, ref.dtype)
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -123,11 +170,6 @@ def _outputs(out) -> list[torch.Tensor]:
 def _shape_of(out) -> list:
     shapes = [list(t.shape) for t in _outputs(out)]
     return shapes[0] if isinstance(out, torch.Tensor) else shapes
-
-
-@torch.no_grad()
-def _forward_shape(model: nn.Module, x: torch.Tensor) -> list:
-    return _shape_of(model(x))
 
 
 @torch.no_grad()
