@@ -8,7 +8,7 @@ only the work:
   file, replace the SE blocks, save;
 * ours: eca_surgery's convert (meta-device build, weights assigned from the file,
   plan, apply, output-shape and finite-value checks, FLOPs) and save_patched;
-* ours (core): the same without the checks and FLOPs;
+* ours (core): the same work as the naive path (no checks, FLOPs or timm-native search);
 * floor: safetensors load_file + save_file of the same tensors, nothing else.
 
 Paths run interleaved, ``--repeats`` times each; the table shows min and median wall
@@ -49,7 +49,7 @@ if path == "naive":
     safetensors.torch.save_file(model.state_dict(), out)
 elif path in ("ours", "ours-core"):
     full = path == "ours"
-    result = convert(name, recipe, checkpoint=ckpt, check=full, flops=full)
+    result = convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full)
     eca_surgery.save_patched(result.model, out, result.plan, force=True)
 else:
     safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)

@@ -87,7 +87,12 @@ def has_only_persistent_state(model: nn.Module) -> bool:
 
 
 def build_with_weights(
-    name: str, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True, **kwargs: Any
+    name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    what: str,
+    strict: bool = True,
+    meta_model: nn.Module | None = None,
+    **kwargs: Any,
 ) -> tuple[nn.Module, dict[str, list[str]]]:
     """Build ``name`` and load ``state_dict`` into it.
 
@@ -95,9 +100,10 @@ def build_with_weights(
     model is built on the meta device and loaded by assignment, so no weight is
     initialised only to be overwritten. Non-strict: the model is initialised, the
     tensors that fit are loaded, and the report lists what was left at initialisation
-    (missing) and what was ignored (unexpected or of the wrong shape).
+    (missing) and what was ignored (unexpected or of the wrong shape). ``meta_model``, a
+    fresh meta-device build of ``name``, is used instead of building another.
     """
-    model = create_model(name, meta=True, **kwargs)
+    model = meta_model if meta_model is not None else create_model(name, meta=True, **kwargs)
     if not strict:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         fits = {k: v for k, v in state_dict.items() if expected.get(k) == tuple(v.shape)}

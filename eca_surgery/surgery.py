@@ -88,6 +88,7 @@ def convert(
     dry_run: bool = False,
     check: bool = True,
     flops: bool = True,
+    timm_native: bool = True,
     seed: int = 0,
     **model_kwargs: Any,
 ) -> Conversion:
@@ -99,10 +100,12 @@ def convert(
     model is built on the meta device and the weights assigned (nothing is initialised
     twice); ``strict=False`` instead loads what fits and reports the rest.
 
-    The plan is made on a meta-device twin of the model, which also gives the output
-    shape at the default input size for free; ``check`` then runs the patched model
-    on a small real input for finite values. With ``dry_run`` only the plan is made
-    (and a checkpoint's keys checked); nothing is built or run.
+    The plan is made on the meta-device build that the weights are then assigned to.
+    ``check`` compares the output shape at the default input size on a meta-device twin
+    (before and after the plan) and runs the patched model on a small real input for
+    finite values; ``flops`` counts MACs on that twin; ``timm_native`` looks for timm
+    kwargs that build the patched model. With ``dry_run`` only the plan is made (and a
+    checkpoint's keys checked); nothing is built or run.
     """
     path, source = source_weights(model_name, checkpoint, pretrained)
     what = f"Checkpoint {str(path)!r}"
@@ -114,33 +117,36 @@ def convert(
         macs = macs_before_after(meta, plan) if flops else {}
         if not flops:
             apply_plan(meta, plan)
-        return Conversion(
-            meta, plan, model_kwargs, source, None, macs, find_native(model_name, model_kwargs, meta, plan)
-        )
+        native = find_native(model_name, model_kwargs, meta, plan) if timm_native else None
+        return Conversion(meta, plan, model_kwargs, source, None, macs, native)
 
-    expected = _meta_output_shape(meta)
+    twin = create_model(model_name, meta=True, **model_kwargs).eval() if check or flops else None
     torch.manual_seed(seed)
     loaded = {"missing": [], "ignored": []}
     if path is not None:
+        state = read_state_dict(path)
         model, loaded = build_with_weights(
-            model_name, read_state_dict(path), what, strict=strict, **model_kwargs
+            model_name, state, what, strict=strict, meta_model=meta, **model_kwargs
         )
     else:
         model = create_model(model_name, **model_kwargs)
     model.eval()
     apply_plan(model, plan)
-    macs = macs_before_after(meta, plan) if flops else {}  # leaves ``meta`` patched
-    if not flops:
-        apply_plan(meta, plan)
-    if _meta_output_shape(meta) != expected:
-        raise SurgeryError(
-            f"The patched model's output shape differs from the original's {expected}; the recipe "
-            "changed the model's function beyond channel attention. Report this with the recipe."
-        )
-    result = forward_check(model, _sample_input(model, seed)) if check else None
-    if result is not None:
-        result["output_shape_at_default_size"] = expected
-    native = find_native(model_name, model_kwargs, meta, plan)
+    result, macs = None, {}
+    if twin is not None:
+        expected = _meta_output_shape(twin) if check else None
+        macs = macs_before_after(twin, plan) if flops else {}  # leaves ``twin`` patched
+        if not flops:
+            apply_plan(twin, plan)
+        if check and _meta_output_shape(twin) != expected:
+            raise SurgeryError(
+                f"The patched model's output shape differs from the original's {expected}; the recipe "
+                "changed the model's function beyond channel attention. Report this with the recipe."
+            )
+        if check:
+            result = forward_check(model, _sample_input(model, seed))
+            result["output_shape_at_default_size"] = expected
+    native = find_native(model_name, model_kwargs, model, plan) if timm_native else None
     return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded)
 
 
