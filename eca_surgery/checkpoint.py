@@ -109,16 +109,20 @@ def save_patched(
     metadata = make_metadata(plan, model_kwargs or {}, source, native)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,7 +167,7 @@ def open_patched(path: str | Path) -> Patched:
     """Rebuild the patched model stored in ``path`` and load its weights strictly."""
     from .apply import apply_plan
 
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
     name, kwargs, recipe = read_metadata(metadata, path)
     model = create_model(name, meta=True, **kwargs)
     if not has_only_persistent_state(model):

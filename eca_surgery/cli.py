@@ -56,6 +56,14 @@ def _model_kwargs(features_only: bool, out_indices: str | None) -> dict[str, Any
         raise SurgeryError(
             f"--out-indices {out_indices!r} is not a comma-separated list of integers, e.g. 1,2,3,4."
         )
+    if len(set(indices)) != len(indices):
+        raise SurgeryError(
+            f"--out-indices {out_indices!r} repeats an index; give each feature map once, e.g. 1,2,3,4."
+        )
+    if not features_only:
+        err.print(
+            f"Note: --out-indices builds the model as a feature extractor (features_only=True, out_indices={indices})."
+        )
     return {"features_only": True, "out_indices": indices}
 
 
@@ -205,8 +213,8 @@ def convert(
         if timm_dir is not None and result.native is None:
             raise SurgeryError(
                 f"timm cannot build this ECA variant of {model} itself, so --timm-dir has nothing to write "
-                "(timm builds ECA ResNet/ResNeXt through block_args and EfficientNet through se_layer, with "
-                "sigmoid gates). Use the --output checkpoint with eca_surgery.load_patched instead."
+                "(timm builds ECA with sigmoid gates for ResNet/ResNeXt, EfficientNet, ByobNet, NFNet, VoVNet "
+                "and MaxViT/CoAtNet). Use the --output checkpoint with eca_surgery.load_patched instead."
             )
         if checkpoint is None and not pretrained and not dry_run:
             err.print(
@@ -325,7 +333,9 @@ def scan(
         str, typer.Option("--sort", help="Order rows by: saving, saving-pct, params or name.")
     ] = "saving",
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count GMACs before and after.")] = True,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Show only the first N rows.")] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Show only the first N rows.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Scan timm's models (on the meta device) for SE blocks and what SE-to-ECA would save."""
@@ -343,7 +353,7 @@ def scan(
         names = timm.list_models(pattern)
         if not names:
             raise SurgeryError(
-                f"No timm model matches {pattern!r}; try a wider pattern such as '*{pattern}*'."
+                f"No timm model matches {pattern!r}; try a wider pattern such as '*{pattern.strip('*')}*'."
             )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
@@ -354,6 +364,8 @@ def scan(
 
             result = scan_models(names, flops=flops, on_model=advance)
         result.rows.sort(key=SORT_KEYS[sort])
+        if limit is not None:
+            del result.rows[limit:]
         if json_out:
             _print_json(result.to_dict())
             return

@@ -33,8 +33,19 @@ def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
             with torch.device("meta"):
                 return timm.create_model(name, pretrained=False, **kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SurgeryError(f"timm could not build {name!r} with {kwargs}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
+        hint = ""
+        if "out_indices" in kwargs:
+            with torch.device("meta"):
+                stages = [d["module"] for d in timm.create_model(name, pretrained=False).feature_info]
+            hint = (
+                f" {name} has {len(stages)} feature maps: "
+                + ", ".join(f"{i}: {m}" for i, m in enumerate(stages))
+                + "."
+            )
+        raise SurgeryError(
+            f"timm could not build {name!r} with {kwargs}: {exc or type(exc).__name__}.{hint}"
+        ) from None
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import current_umask
 from .errors import SurgeryError
 from .plan import Plan
 
@@ -94,6 +95,10 @@ def save_timm_dir(
         save_for_hf(
             model, str(tmp), model_args=json.loads(json.dumps(native["kwargs"])), safe_serialization=True
         )
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the modes mkdir and open would
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)

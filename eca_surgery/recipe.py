@@ -106,7 +106,7 @@ class Rule:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"action": self.action, "select": self.select.to_dict(), "eca": asdict(self.eca)}
-        if self.action == "insert":
+        if self.action == "insert" and self.select.placement != "in-blocks":
             data["where"] = self.where
         data["optional"] = self.optional
         return data
@@ -252,6 +252,10 @@ class _Validator:
             raise self.fail(
                 (*path, "select", "placement"),
                 "a placement adds ECA; use 'action: insert' with it (replace swaps existing modules).",
+            )
+        if "where" in data and select.placement == "in-blocks":
+            raise self.fail(
+                (*path, "where"), "in-blocks fills each block's attention slot; it takes no 'where'."
             )
         if action == "insert" and select.se:
             raise self.fail(

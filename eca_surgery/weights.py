@@ -19,8 +19,10 @@ from .errors import CheckpointError
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, with clear errors."""
+def read_safetensors(
+    path: str | Path, hint: str = "Pass a .safetensors file saved from the source model's state_dict."
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with clear errors ending in ``hint``."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -32,8 +34,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable safetensors file ({exc}). "
-            "Pass a .safetensors file saved from the source model's state_dict."
+            f"Checkpoint {str(path)!r} is not a readable safetensors file ({exc}). {hint}"
         ) from None
     return tensors, metadata
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import timm
-from cli_helpers import run_fail, runner, text_of
+from cli_helpers import run_fail, run_ok, runner, text_of
 from safetensors.torch import load_file, save_file
 
 from eca_surgery.cli import app
@@ -213,3 +213,42 @@ def test_message_with_brackets_is_verbatim(tmp_path, kind):
         Path(recipe).write_text(RECIPE_HEAD + '    eca: {"[red]colour": 1}\n')
     msg = run_fail(["convert", "seresnet18", "--recipe", recipe, "--output", str(out)], tmp_path, out)
     assert shown in msg
+
+
+# 8. feature-extractor options, scan limits, file modes
+
+
+@pytest.mark.parametrize(
+    "indices,message",
+    [
+        ("1,9", "resnet18 has 5 feature maps: 0: act1"),
+        ("2,2", "repeats an index"),
+        ("a,b", "comma-separated"),
+    ],
+)
+def test_bad_out_indices(tmp_path, indices, message):
+    args = ["inspect", "resnet18", "-r", "eca-feature-pyramid", "--features-only", "--out-indices", indices]
+    assert message in run_fail(args, tmp_path)
+
+
+def test_scan_limit_applies_to_json_and_must_be_positive(tmp_path):
+    import json
+
+    report = json.loads(run_ok(["scan", "seresnet1*", "--limit", "2", "--no-flops", "--json"]))
+    assert len(report["models"]) == 2
+    result = runner.invoke(app, ["scan", "seresnet1*", "--limit", "0"])
+    assert result.exit_code == 2 and "Traceback" not in text_of(result)
+
+
+def test_outputs_get_ordinary_file_modes(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out, tdir = tmp_path / "m.safetensors", tmp_path / "timm-dir"
+        run_ok(["convert", "seresnet18", "-r", "se-to-eca", "-o", str(out), "--timm-dir", str(tdir)])
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert tdir.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in tdir.iterdir()} == {0o644}

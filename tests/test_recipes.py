@@ -151,6 +151,12 @@ INVALID = {
         6,
         ["after", "before", "'middle'"],
     ),
+    "where-on-in-blocks": (
+        INSERT + "      placement: in-blocks\n    where: before\n",
+        "rules[0].where",
+        7,
+        ["takes no 'where'"],
+    ),
     "placement-on-replace": (
         REPLACE + "      placement: in-blocks\n",
         "rules[0].select.placement",
