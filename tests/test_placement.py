@@ -19,8 +19,9 @@ def plan_for(name, text, **kwargs):
     return make_plan(create_model(name, meta=True, **kwargs), parse_recipe(text), name)
 
 
-def insert(select, where="after"):
-    return f"version: 1\nrules:\n  - action: insert\n    where: {where}\n    select: {select}\n"
+def insert(select, where=None):
+    where_line = f"    where: {where}\n" if where else ""
+    return f"version: 1\nrules:\n  - action: insert\n{where_line}    select: {select}\n"
 
 
 def n_params(model):
