@@ -22,8 +22,8 @@ from .errors import CheckpointError, SurgeryError
 from .models import (
     check_fits,
     create_model,
-    has_only_persistent_state,
     load_into,
+    loadable,
     shapes_of,
 )
 from .plan import Plan, make_plan
@@ -169,9 +169,7 @@ def open_patched(path: str | Path) -> Patched:
 
     tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
     name, kwargs, recipe = read_metadata(metadata, path)
-    model = create_model(name, meta=True, **kwargs)
-    if not has_only_persistent_state(model):
-        model = create_model(name, **kwargs)
+    model = loadable(create_model(name, meta=True, **kwargs), name, **kwargs)
     plan = make_plan(model, recipe, name)
     apply_plan(model, plan)
     check_fits(model, shapes_of(tensors), f"Checkpoint {str(path)!r}", f"{name} patched by its recipe")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import SurgeryError
+from .errors import SurgeryError, sample_keys
 
 app = typer.Typer(
     name="eca-surgery",
@@ -196,10 +196,10 @@ def convert(
 
         if output is not None and not dry_run:
             check_output(output, force)
-        if timm_dir is not None and not dry_run and timm_dir.exists() and not force:
-            raise SurgeryError(
-                f"{str(timm_dir)!r} already exists and was left untouched; pass --force to replace it."
-            )
+        if timm_dir is not None and not dry_run:
+            from .native import check_timm_dir
+
+            check_timm_dir(timm_dir, force)
         result = convert_model(
             model,
             parsed,
@@ -225,9 +225,8 @@ def convert(
             ("ignored (unexpected or wrong shape)", result.loaded["ignored"]),
         ):
             if keys:
-                more = f", ... ({len(keys) - 5} more)" if len(keys) > 5 else ""
                 err.print(
-                    f"Warning: --non-strict: {len(keys)} weights {label}: {', '.join(keys[:5])}{more}",
+                    f"Warning: --non-strict: {len(keys)} weights {label}: {sample_keys(keys)}",
                     highlight=False,
                 )
         report = plan_to_dict(result.plan)

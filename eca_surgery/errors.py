@@ -1,6 +1,12 @@
 """The one exception type the tool raises for bad input."""
 
 
+def sample_keys(keys: list[str], n: int = 5) -> str:
+    """The first ``n`` keys and how many more, for messages about state_dict keys."""
+    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
 class SurgeryError(Exception):
     """A problem with the user's input: the message names it and says how to fix it.
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SurgeryError
+from .errors import CheckpointError, SurgeryError, sample_keys
 
 
 def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
@@ -69,8 +69,7 @@ def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], what: st
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("with wrong shape", wrong)):
         if keys:
-            more = f", ... ({len(keys) - 5} more)" if len(keys) > 5 else ""
-            parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
+            parts.append(f"{len(keys)} {label}: {sample_keys(keys)}")
     raise CheckpointError(
         f"{what} does not fit {name}: {'; '.join(parts)}. Pass a checkpoint saved from "
         f"this same architecture ({name}), or name the model the checkpoint was saved from."
@@ -95,6 +94,12 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Mo
 def has_only_persistent_state(model: nn.Module) -> bool:
     """True when the state_dict covers every tensor, so a meta build loses nothing."""
     return not any(m._non_persistent_buffers_set for m in model.modules())
+
+
+def loadable(meta_model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
+    """``meta_model`` if a state_dict can fill all of it by assignment, else a real build of
+    ``name`` (non-persistent buffers are not in a state_dict and must be initialised)."""
+    return meta_model if has_only_persistent_state(meta_model) else create_model(name, **kwargs)
 
 
 def build_with_weights(
@@ -126,9 +131,7 @@ def build_with_weights(
         }
         return model, report
     check_fits(model, shapes_of(state_dict), what, name)
-    if not has_only_persistent_state(model):
-        model = create_model(name, **kwargs)
-    return load_into(model, state_dict), {"missing": [], "ignored": []}
+    return load_into(loadable(model, name, **kwargs), state_dict), {"missing": [], "ignored": []}
 
 
 def _tensors(model: nn.Module):

@@ -71,6 +71,18 @@ def build_native(native: dict) -> nn.Module:
         return timm.create_model(native["model"], pretrained=False, **native["kwargs"])
 
 
+def check_timm_dir(path: str | Path, force: bool) -> Path:
+    """Refuse a --timm-dir that exists (without ``force``) or whose parent folder does not."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise SurgeryError(
+            f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
+        )
+    if not path.parent.is_dir():
+        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
+    return path
+
+
 def save_timm_dir(
     native: dict, state_dict: dict[str, torch.Tensor], path: str | Path, force: bool = False
 ) -> Path:
@@ -81,13 +93,7 @@ def save_timm_dir(
     """
     from timm.models import save_for_hf
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise SurgeryError(
-            f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
-        )
-    if not path.parent.is_dir():
-        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
+    path = check_timm_dir(path, force)
     model = build_native(native)
     model.load_state_dict(state_dict, strict=True, assign=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

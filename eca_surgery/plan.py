@@ -194,10 +194,8 @@ class _Planner:
         if sel.stages is not None or sel.blocks is not None:
             blocks = self.staged(index, Selector(stages=sel.stages or "all", blocks=sel.blocks or "all"))
             pool = {p: m for p, m in self.modules.items() if p in blocks}
-        narrowed = Selector(path=sel.path, regex=sel.regex, cls=sel.cls)
-        paths = self.select(index, narrowed, pool) if narrowed.to_dict() else [p for p in pool if p]
         out = []
-        for path in paths:
+        for path in self.narrow(index, sel, pool):
             slot = empty_slot(self.modules[path])
             if slot is not None:
                 out.append(_Target(f"{path}.{slot}", "slot", index))
@@ -221,12 +219,12 @@ class _Planner:
                 "(and --out-indices to choose the maps), or build it with timm.create_model(..., "
                 "features_only=True)."
             )
-        paths = feature_branch_paths(self.model)
-        narrowed = Selector(path=sel.path, regex=sel.regex, cls=sel.cls)
-        if narrowed.to_dict():
-            keep = set(self.select(index, narrowed, {p: self.modules[p] for p in paths}))
-            paths = [p for p in paths if p in keep]
-        return paths
+        return self.narrow(index, sel, {p: self.modules[p] for p in feature_branch_paths(self.model)})
+
+    def narrow(self, index: int, sel: Selector, pool: dict[str, nn.Module]) -> list[str]:
+        """Paths in ``pool`` (in its order) that meet the path, regex and class criteria of a
+        placement's selector; all of them when it gives none."""
+        return self.select(index, Selector(path=sel.path, regex=sel.regex, cls=sel.cls), pool)
 
     # -- edits ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from .errors import SurgeryError
 from .flops import count_macs
 from .models import build_with_weights, check_fits, create_model, input_size, shapes_of
 from .native import find_native
-from .plan import Plan, make_plan
+from .plan import Plan, count_params, make_plan
 from .recipe import Recipe
 from .weights import pretrained_file, read_state_dict
 
@@ -44,16 +44,17 @@ class Conversion:
     loaded: dict[str, list[str]] = field(default_factory=lambda: {"missing": [], "ignored": []})
 
 
-def macs_before_after(meta_model: nn.Module, plan: Plan | None) -> dict[str, Any]:
-    """MACs at the default input size before and after ``plan``, counted on the meta
-    device. Applies the plan to ``meta_model``: pass a model you no longer need."""
-    size = list(input_size(meta_model))
-    before = count_macs(meta_model)
-    after = before
+def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
+    """Apply ``plan`` to ``meta_model`` (pass a model you no longer need) and, with
+    ``count``, return the MACs at the default input size before and after, counted on
+    the meta device."""
+    before = count_macs(meta_model) if count else None
     if plan is not None and plan.edits:
         apply_plan(meta_model, plan)
-        after = count_macs(meta_model)
-    return {"input_size": size, "macs_before": before, "macs_after": after}
+    if not count:
+        return {}
+    after = count_macs(meta_model) if plan is not None and plan.edits else before
+    return {"input_size": list(input_size(meta_model)), "macs_before": before, "macs_after": after}
 
 
 def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) -> Inspection:
@@ -61,7 +62,7 @@ def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) 
     model = create_model(model_name, meta=True, **model_kwargs)
     plan = make_plan(model, recipe, model_name) if recipe is not None else None
     blocks = find_se_blocks(model)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     return Inspection(model_name, blocks, params, plan, macs_before_after(model, plan))
 
 
@@ -114,9 +115,7 @@ def convert(
     if dry_run:
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
-        macs = macs_before_after(meta, plan) if flops else {}
-        if not flops:
-            apply_plan(meta, plan)
+        macs = macs_before_after(meta, plan, count=flops)
         native = find_native(model_name, model_kwargs, meta, plan) if timm_native else None
         return Conversion(meta, plan, model_kwargs, source, None, macs, native)
 
@@ -135,9 +134,7 @@ def convert(
     result, macs = None, {}
     if twin is not None:
         expected = _meta_output_shape(twin) if check else None
-        macs = macs_before_after(twin, plan) if flops else {}  # leaves ``twin`` patched
-        if not flops:
-            apply_plan(twin, plan)
+        macs = macs_before_after(twin, plan, count=flops)  # leaves ``twin`` patched
         if check and _meta_output_shape(twin) != expected:
             raise SurgeryError(
                 f"The patched model's output shape differs from the original's {expected}; the recipe "

@@ -252,3 +252,11 @@ def test_outputs_get_ordinary_file_modes(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644
     assert tdir.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in tdir.iterdir()} == {0o644}
+
+
+def test_timm_dir_in_a_missing_folder_writes_nothing(tmp_path):
+    out, tdir = tmp_path / "m.safetensors", tmp_path / "no" / "such" / "dir"
+    msg = run_fail(
+        ["convert", "seresnet18", "-r", "se-to-eca", "-o", str(out), "--timm-dir", str(tdir)], tmp_path, out
+    )
+    assert "does not exist; create it first" in msg

@@ -238,6 +238,13 @@ def test_unknown_boolean_like_key_names_its_text_and_line():
 # 2. errors that depend on the model
 
 
+def fail_on_model(tmp_path: Path, mode: str, text: str) -> str:
+    """Write recipe ``text``, run it against resnet18 (check or convert), expect a clean error."""
+    recipe = write(tmp_path, text)
+    out = tmp_path / "out.safetensors"
+    return run_fail(_model_args(mode, recipe, out), tmp_path, out)
+
+
 def _model_args(mode: str, recipe: Path, out: Path, model: str = "resnet18") -> list[str]:
     if mode == "check":
         return ["recipe", "check", str(recipe), "--model", model]
@@ -249,9 +256,9 @@ MODES = ["check", "convert"]
 
 @pytest.mark.parametrize("mode", MODES)
 def test_stage_out_of_range(tmp_path, mode):
-    recipe = write(tmp_path, "version: 1\nrules:\n  - action: insert\n    select:\n      stages: [7]\n")
-    out = tmp_path / "out.safetensors"
-    msg = run_fail(_model_args(mode, recipe, out), tmp_path, out)
+    msg = fail_on_model(
+        tmp_path, mode, "version: 1\nrules:\n  - action: insert\n    select:\n      stages: [7]\n"
+    )
     assert "rules[0].select.stages" in msg and has_line(msg, 5), msg
     assert "index 7 is out of range" in msg
     for stage in ("act1", "layer1", "layer4"):
@@ -260,11 +267,9 @@ def test_stage_out_of_range(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_path_matching_nothing_suggests_close_paths(tmp_path, mode):
-    recipe = write(
-        tmp_path, 'version: 1\nrules:\n  - action: insert\n    select:\n      path: "layer1.0.bn9"\n'
+    msg = fail_on_model(
+        tmp_path, mode, 'version: 1\nrules:\n  - action: insert\n    select:\n      path: "layer1.0.bn9"\n'
     )
-    out = tmp_path / "out.safetensors"
-    msg = run_fail(_model_args(mode, recipe, out), tmp_path, out)
     assert "rules[0]" in msg and has_line(msg, 3), msg
     assert "matches nothing in resnet18" in msg
     assert "layer1.0.bn1" in msg or "layer1.0.bn2" in msg
@@ -273,11 +278,9 @@ def test_path_matching_nothing_suggests_close_paths(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_class_matching_nothing_suggests_close_classes(tmp_path, mode):
-    recipe = write(
-        tmp_path, "version: 1\nrules:\n  - action: insert\n    select:\n      class: BatchNorm3d\n"
+    msg = fail_on_model(
+        tmp_path, mode, "version: 1\nrules:\n  - action: insert\n    select:\n      class: BatchNorm3d\n"
     )
-    out = tmp_path / "out.safetensors"
-    msg = run_fail(_model_args(mode, recipe, out), tmp_path, out)
     assert "rules[0]" in msg and has_line(msg, 3), msg
     assert "matches nothing in resnet18" in msg
     assert "BatchNorm2d" in msg
@@ -299,20 +302,18 @@ def test_two_rules_changing_one_module(tmp_path, mode):
         "  - action: insert\n    select:\n      path: layer1\n"
         "  - action: insert\n    where: after\n    select:\n      stages: [1]\n"
     )
-    recipe = write(tmp_path, text)
-    out = tmp_path / "out.safetensors"
-    msg = run_fail(_model_args(mode, recipe, out), tmp_path, out)
+    msg = fail_on_model(tmp_path, mode, text)
     assert "rules 1 and 2" in msg
     assert "'layer1'" in msg
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_feature_branches_need_features_only(tmp_path, mode):
-    recipe = write(
-        tmp_path, "version: 1\nrules:\n  - action: insert\n    select:\n      placement: feature-branches\n"
+    msg = fail_on_model(
+        tmp_path,
+        mode,
+        "version: 1\nrules:\n  - action: insert\n    select:\n      placement: feature-branches\n",
     )
-    out = tmp_path / "out.safetensors"
-    msg = run_fail(_model_args(mode, recipe, out), tmp_path, out)
     assert "rules[0].select.placement" in msg and has_line(msg, 5), msg
     assert "features_only" in msg and "--features-only" in msg
 
