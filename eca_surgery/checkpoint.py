@@ -46,8 +46,15 @@ class Patched:
 
 
 def make_metadata(
-    plan: Plan, model_kwargs: dict[str, Any], source: str, native: dict[str, Any] | None = None
+    plan: Plan,
+    model_kwargs: dict[str, Any],
+    source: str,
+    native: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
+    heal: dict[str, Any] | None = None,
 ) -> dict[str, str]:
+    """The metadata of a patched checkpoint; ``init`` and ``heal`` say how its new
+    weights were started and trained, when they were."""
     import timm
 
     from . import __version__
@@ -60,6 +67,8 @@ def make_metadata(
         "recipe": plan.recipe.to_json(),
         "source_weights": source,
         "timm_native": json.dumps(native, sort_keys=True),
+        "init": json.dumps(init or {"method": "default"}, sort_keys=True),
+        **({"heal": json.dumps(heal, sort_keys=True)} if heal is not None else {}),
         "params_before": str(plan.params_before),
         "params_after": str(plan.params_after),
         "eca_surgery_version": __version__,
@@ -95,6 +104,8 @@ def save_patched(
     model_kwargs: dict[str, Any] | None = None,
     source: str = "",
     native: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
+    heal: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
@@ -106,7 +117,7 @@ def save_patched(
 
     path = check_output(path, force)
     tensors = _unshared(model.state_dict())
-    metadata = make_metadata(plan, model_kwargs or {}, source, native)
+    metadata = make_metadata(plan, model_kwargs or {}, source, native, init, heal)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -171,6 +171,21 @@ def convert(
             "timm loads with create_model('local-dir:DIR', pretrained=True).",
         ),
     ] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            help="New ECA kernels: default (PyTorch's init), fit-se (least-squares fit to the SE block "
+            "each one replaces) or identity (inserted blocks start as the identity).",
+        ),
+    ] = "default",
+    calib_data: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--calib-data",
+            help="Folder of images (any depth) for --init fit-se/identity; without it, seeded noise.",
+        ),
+    ] = None,
+    calib_size: Annotated[int, typer.Option(help="How many calibration inputs to use.")] = 64,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     json_out: JsonOpt = False,
@@ -191,7 +206,7 @@ def convert(
         parsed = load_recipe(recipe)
         kwargs = _model_kwargs(features_only, out_indices)
         from .checkpoint import check_output, save_patched
-        from .report import plan_to_dict, render_plan, render_totals
+        from .report import plan_to_dict, render_init, render_plan, render_totals
         from .surgery import convert as convert_model
 
         if output is not None and not dry_run:
@@ -208,6 +223,9 @@ def convert(
             strict=not non_strict,
             dry_run=dry_run,
             seed=seed,
+            init=init,
+            calib_data=calib_data,
+            calib_size=calib_size,
             **kwargs,
         )
         if timm_dir is not None and result.native is None:
@@ -232,7 +250,11 @@ def convert(
         report = plan_to_dict(result.plan)
         report.update(result.macs)
         report.update(
-            source_weights=result.source, check=result.check, dry_run=dry_run, timm_native=result.native
+            source_weights=result.source,
+            check=result.check,
+            dry_run=dry_run,
+            timm_native=result.native,
+            init=result.init,
         )
         if non_strict:
             report["non_strict"] = result.loaded
@@ -244,6 +266,7 @@ def convert(
                 model_kwargs=result.model_kwargs,
                 source=result.source,
                 native=result.native,
+                init=result.init,
                 force=force,
             )
             report["output"] = str(path)
@@ -256,6 +279,7 @@ def convert(
             return
         render_plan(out, report)
         render_totals(out, report)
+        render_init(out, result.init)
         if result.check:
             out.print(
                 f"Forward check: output shape at {'x'.join(map(str, report.get('input_size', [])))} unchanged "
@@ -369,6 +393,102 @@ def scan(
             _print_json(result.to_dict())
             return
         render_scan(out, result.to_dict(), limit)
+
+
+@app.command()
+def heal(
+    patched: Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Folder of training images, at any depth; labels unused.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")],
+    teacher: Annotated[
+        Optional[str],
+        typer.Option(help="timm name of the original model (default: the one PATCHED was converted from)."),
+    ] = None,
+    teacher_checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--teacher-checkpoint", help="The teacher's weights (default: timm's pretrained weights, cached)."
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps in all (a resumed run counts earlier ones).")
+    ] = 200,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 1e-3,
+    train: Annotated[
+        str,
+        typer.Option(help="What trains: eca (new kernels), norm (those and norm layers) or all."),
+    ] = "norm",
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 32,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL loss.")] = 1.0,
+    feature_weight: Annotated[
+        float, typer.Option(help="Weight of an MSE loss on forward_features maps (0: logits only).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the image order.")] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run that wrote OUTPUT, up to --steps.")
+    ] = False,
+    save_every: Annotated[int, typer.Option(help="Also write OUTPUT every N steps (0: at the end).")] = 0,
+    device: Annotated[
+        Optional[str], typer.Option(help="Device, e.g. cpu or cuda:1 (default: the GPU if any).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distil the original model into a patched one on unlabelled images, training only what --train says."""
+    with _user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .heal import HealSettings
+        from .heal import heal as heal_model
+
+        settings = HealSettings(steps, lr, train, batch_size, temperature, feature_weight, 0.0, seed)
+        columns = (
+            TextColumn("healing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}, {task.fields[speed]:.1f} img/s"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("heal", total=steps, loss=float("nan"), speed=0.0)
+
+            def on_step(step: int, total: int, loss: float, speed: float) -> None:
+                progress.update(task, completed=step, loss=loss, speed=speed)
+
+            result = heal_model(
+                patched,
+                data,
+                output,
+                teacher=teacher,
+                teacher_checkpoint=teacher_checkpoint,
+                settings=settings,
+                resume=resume,
+                force=force,
+                save_every=save_every,
+                device=device,
+                workers=workers,
+                on_step=on_step,
+            )
+        report = {
+            "output": str(output),
+            "steps": result.step,
+            "resumed_from_step": result.start_step,
+            "loss_first": result.losses[0],
+            "loss_last": result.losses[-1],
+            "images_per_s": result.images_per_s,
+            "settings": result.settings.__dict__,
+        }
+        if json_out:
+            _print_json(report)
+            return
+        out.print(
+            f"Healed steps {result.start_step + 1}-{result.step} ({train}): distillation loss "
+            f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.images_per_s:.1f} img/s"
+        )
+        out.print(f"Wrote [bold]{escape(str(output))}[/]")
 
 
 recipe_app = typer.Typer(

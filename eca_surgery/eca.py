@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-GATES = ("sigmoid", "hard_sigmoid")
+GATES = ("sigmoid", "hard_sigmoid", "double_sigmoid")
+
+
+class DoubleSigmoid(nn.Module):
+    """``2 * sigmoid(x)``: 1 at x = 0, so an ECA block with a zero kernel is the identity.
+
+    The gate of ``--init identity``: an ECA inserted into a trained model then starts as
+    exactly the original function. It deviates from the paper's block, whose sigmoid
+    gate lies in (0, 1) and halves every channel at a zero kernel; this one lies in
+    (0, 2), so training can also amplify channels.
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.sigmoid(x)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -42,4 +59,6 @@ def make_eca(
         kernel_size = eca_kernel_size(channels, gamma, b)
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"ECA kernel size must be a positive odd integer, got {kernel_size}")
+    if gate == "double_sigmoid":
+        gate = DoubleSigmoid
     return EcaModule(channels=None, kernel_size=kernel_size, gate_layer=gate, device=device, dtype=dtype)

@@ -7,7 +7,7 @@ selector::
     rules:
       - action: replace            # put ECA in place of the selected modules
         select: {se: true}         # the built-in SE detector
-        eca: {gamma: 2, b: 1}      # or {kernel_size: 5}; gate: sigmoid | hard_sigmoid | keep
+        eca: {gamma: 2, b: 1}      # or {kernel_size: 5}; gate: sigmoid | hard_sigmoid | double_sigmoid | keep
       - action: insert             # add ECA after (or before) the selected modules
         where: after
         select: {stages: [-1]}     # also: path, regex, class, blocks, placement
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from .errors import RecipeError
 RECIPE_VERSION = 1
 ACTIONS = ("replace", "insert")
 WHERE = ("after", "before")
-GATES = ("sigmoid", "hard_sigmoid", "keep")
+GATES = ("sigmoid", "hard_sigmoid", "double_sigmoid", "keep")
 PLACEMENTS = ("in-blocks", "backbone-end", "feature-branches")
 
 _TOP_KEYS = {"version", "name", "description", "rules"}
@@ -137,6 +137,13 @@ class Recipe:
         line = _line_of(self.lines, tuple(path))
         at = f"{self.source}, line {line}" if line else self.source
         return f"{at}: {_field_name(tuple(path))}"
+
+    def with_insert_gate(self, gate: str) -> Recipe:
+        """This recipe with ``gate`` on every insert rule (what ``--init identity`` records)."""
+        rules = tuple(
+            replace(r, eca=replace(r.eca, gate=gate)) if r.action == "insert" else r for r in self.rules
+        )
+        return replace(self, rules=rules)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

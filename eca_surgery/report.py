@@ -139,6 +139,37 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
         )
 
 
+def describe_fidelity(f: dict[str, Any]) -> str:
+    """'logits cosine 0.998, top-1 agreement 97.0%' for an ``init.fidelity`` result."""
+    text = f"cosine {f['cosine']:.4f}, max |diff| {f['max_abs_diff']:.3g}"
+    if "top1_agreement" in f:
+        text += f", top-1 agreement {f['top1_agreement']:.1%}"
+    return text
+
+
+def render_init(console: Console, init: dict[str, Any]) -> None:
+    """Print how the new ECA kernels were started: per-block fits and output fidelity."""
+    from rich.table import Table
+
+    if init["method"] == "default":
+        return
+    if init.get("blocks"):
+        table = Table(title="fit-se: each ECA kernel fitted to its SE block", title_justify="left")
+        for column in ("SE block", "channels", "k", "rel. error", "R²", "target"):
+            table.add_column(column, justify="left" if column in ("SE block", "target") else "right")
+        for b in init["blocks"]:
+            table.add_row(
+                b["path"], str(b["channels"]), str(b["kernel_size"]), f"{b['rel_error']:.4f}",
+                f"{b['r2']:.4f}", b["target"],
+            )  # fmt: skip
+        console.print(table)
+    console.print(f"Calibration: {escape(init['calibration'])}")
+    outputs = "outputs vs the original on the calibration inputs"
+    if "fidelity_default" in init:
+        console.print(f"With default init: {outputs}: {describe_fidelity(init['fidelity_default'])}")
+    console.print(f"With {init['method']} init: {outputs}: {describe_fidelity(init['fidelity'])}")
+
+
 def _gmacs(macs: int | None) -> str:
     return "-" if macs is None else f"{macs / 1e9:.3f}"
 

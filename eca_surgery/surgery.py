@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks
 from .errors import SurgeryError
 from .flops import count_macs
+from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import build_with_weights, check_fits, create_model, input_size, shapes_of
 from .native import find_native
 from .plan import Plan, count_params, make_plan
@@ -42,6 +44,7 @@ class Conversion:
     macs: dict[str, Any]
     native: dict[str, Any] | None = None
     loaded: dict[str, list[str]] = field(default_factory=lambda: {"missing": [], "ignored": []})
+    init: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
 
 
 def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
@@ -91,6 +94,9 @@ def convert(
     flops: bool = True,
     timm_native: bool = True,
     seed: int = 0,
+    init: str = "default",
+    calib_data: str | Path | None = None,
+    calib_size: int = 64,
     **model_kwargs: Any,
 ) -> Conversion:
     """Load the source model, plan the recipe, apply it and check a forward pass.
@@ -107,11 +113,29 @@ def convert(
     finite values; ``flops`` counts MACs on that twin; ``timm_native`` looks for timm
     kwargs that build the patched model. With ``dry_run`` only the plan is made (and a
     checkpoint's keys checked); nothing is built or run.
+
+    ``init`` starts the new ECA kernels from PyTorch's default initialisation
+    (``default``, seeded by ``seed``), from a least-squares fit to the SE blocks they
+    replace (``fit-se``), or, for inserted blocks, as the identity (``identity``, which
+    gives them the ``double_sigmoid`` gate); see ``eca_surgery.init``. Both run the
+    model on ``calib_size`` calibration inputs, images from ``calib_data`` or seeded
+    noise, and report in ``Conversion.init`` how closely the patched model follows
+    the original there.
     """
+    if init not in INITS:
+        raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
+    if init == "default" and calib_data is not None:
+        raise SurgeryError("--calib-data is used by --init fit-se and --init identity; pass one of them.")
+    if calib_size < 1:
+        raise SurgeryError(f"--calib-size must be at least 1, got {calib_size}.")
+    if init == "identity":
+        recipe = recipe.with_insert_gate("double_sigmoid")
+    files = image_files(calib_data) if calib_data is not None and not dry_run else None
     path, source = source_weights(model_name, checkpoint, pretrained)
     what = f"Checkpoint {str(path)!r}"
     meta = create_model(model_name, meta=True, **model_kwargs).eval()
     plan = make_plan(meta, recipe, model_name)
+    _check_init(init, meta, plan)
     if dry_run:
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
@@ -130,7 +154,12 @@ def convert(
     else:
         model = create_model(model_name, **model_kwargs)
     model.eval()
-    apply_plan(model, plan)
+    init_report = {"method": init}
+    if init == "default":
+        apply_plan(model, plan)
+    else:
+        batches, described = calibration_batches(model, calib_data, calib_size, seed=seed, files=files)
+        init_report = _initialise(model, plan, init, batches) | {"calibration": described}
     result, macs = None, {}
     if twin is not None:
         expected = _meta_output_shape(twin) if check else None
@@ -144,7 +173,37 @@ def convert(
             result = forward_check(model, _sample_input(model, seed))
             result["output_shape_at_default_size"] = expected
     native = find_native(model_name, model_kwargs, model, plan) if timm_native else None
-    return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded)
+    return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded, init_report)
+
+
+def _check_init(init: str, meta: nn.Module, plan: Plan) -> None:
+    if init == "fit-se" and not fittable(meta, plan):
+        raise SurgeryError(
+            "--init fit-se fits each new ECA to the SE block it replaces, but this recipe replaces no "
+            "SE block. Use a recipe that replaces SE blocks (e.g. -r se-to-eca), or --init identity "
+            "for inserted ECA blocks."
+        )
+    if init == "identity" and not inserted(plan):
+        raise SurgeryError(
+            "--init identity starts inserted ECA blocks as the identity, but this recipe inserts none "
+            "(it only replaces). Use --init fit-se to start replacing blocks from the SE they replace."
+        )
+
+
+def _initialise(model: nn.Module, plan: Plan, init: str, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Apply ``plan`` to the loaded original ``model`` and set the new kernels by ``init``;
+    the fits, and the fidelity with default init and with ``init``."""
+    edits = fittable(model, plan) if init == "fit-se" else inserted(plan)
+    problems, targets, reference = record_se(model, edits if init == "fit-se" else [], batches)
+    apply_plan(model, plan)
+    report: dict[str, Any] = {"method": init, "edits": [e.path for e in edits]}
+    if init == "fit-se":
+        report["fidelity_default"] = fidelity(reference, run(model, batches))
+        report["blocks"] = [f.to_dict() for f in set_fitted(model, edits, problems, targets)]
+    else:
+        zero_kernels(model, edits)
+    report["fidelity"] = fidelity(reference, run(model, batches))
+    return report
 
 
 def _meta_output_shape(meta: nn.Module) -> list:

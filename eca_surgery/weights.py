@@ -90,7 +90,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def pretrained_file(model_name: str) -> tuple[Path, str]:
+def pretrained_file(model_name: str, flag: str = "--checkpoint") -> tuple[Path, str]:
     """The local file of timm's pretrained weights for ``model_name``, from the Hugging Face
     cache (downloading only when the network allows); and a description of the source."""
     import timm
@@ -104,7 +104,7 @@ def pretrained_file(model_name: str) -> tuple[Path, str]:
     if not hub_id:
         raise CheckpointError(
             f"timm has no Hugging Face weights for {model_name!r} (its pretrained config names no "
-            "hf_hub_id). Download the weights yourself and pass them with --checkpoint FILE."
+            f"hf_hub_id). Download the weights yourself and pass them with {flag} FILE."
         )
     hub_id, _, revision = hub_id.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -126,5 +126,5 @@ def pretrained_file(model_name: str) -> tuple[Path, str]:
     raise CheckpointError(
         f"The pretrained weights of {model_name!r} ({hub_id}) are not in the Hugging Face cache and "
         "could not be downloaded (no network?). Download them where you have a network "
-        f"(e.g. `hf download {hub_id}`) and copy the cache, or pass a local file with --checkpoint FILE."
+        f"(e.g. `hf download {hub_id}`) and copy the cache, or pass a local file with {flag} FILE."
     )

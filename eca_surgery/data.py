@@ -1,0 +1,158 @@
+"""Images for calibration and healing: an image folder read with the model's own data config.
+
+Images are found at any depth under the folder (labels are not needed: fitting and
+distillation only compare the model with its original) and are resized, cropped and
+normalised by timm's eval transform, resolved from the model's pretrained config.
+Without a folder, calibration falls back to seeded Gaussian-noise inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import SurgeryError
+from .models import input_size
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` at any depth, sorted; an error if there is none."""
+    root = Path(root)
+    if not root.exists():
+        raise SurgeryError(f"Data folder {str(root)!r} does not exist; pass a folder of images.")
+    if not root.is_dir():
+        raise SurgeryError(f"Data path {str(root)!r} is not a folder; pass a folder of images.")
+    unreadable: list[str] = []
+    files = []
+    for folder, _, names in os.walk(root, onerror=lambda e: unreadable.append(e.filename), followlinks=True):
+        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    if unreadable:
+        raise SurgeryError(
+            f"Data folder {unreadable[0]!r} cannot be read (permission denied or vanished); "
+            "fix its permissions or pass another folder."
+        )
+    if not files:
+        raise SurgeryError(
+            f"Data folder {str(root)!r} holds no images (looked at any depth for "
+            f"{', '.join(IMAGE_EXTENSIONS)}); pass a folder with images in it."
+        )
+    return sorted(files)
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The input size, resize, crop and normalisation timm resolves for ``model``."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(model=model)
+
+
+class ImageFiles(Dataset):
+    """Images as model inputs. An unreadable file gives a zero image and the error text
+    (instead of raising inside a DataLoader worker), so the caller can name the file."""
+
+    def __init__(self, files: list[Path], config: dict[str, Any]) -> None:
+        from timm.data import create_transform
+
+        self.files = files
+        self.shape = tuple(config["input_size"])
+        self.transform = create_transform(**config, is_training=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), ""
+        except Exception as exc:  # PIL raises many types for a bad file; all mean "cannot read"
+            return torch.zeros(self.shape), f"Image {str(path)!r} cannot be read ({exc})"
+
+
+def checked(batch: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
+    """The images of a batch from ``ImageFiles``; an error naming the first unreadable file."""
+    images, errors = batch
+    bad = [e for e in errors if e]
+    if bad:
+        raise SurgeryError(f"{bad[0]}; remove or replace the file, or pass another folder.")
+    return images
+
+
+def folder_loader(
+    dataset: ImageFiles, batches: list[list[int]], workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A loader that yields exactly ``batches`` (lists of indices), in order."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
+
+
+def calibration_batches(
+    model: nn.Module,
+    data: str | Path | None,
+    count: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    files: list[Path] | None = None,
+) -> tuple[list[torch.Tensor], str]:
+    """``count`` calibration inputs in batches, and a description of where they came from.
+
+    From folder ``data`` (whose ``image_files`` may be passed as ``files``): a seeded
+    random choice of ``count`` images (all if fewer). Without it: seeded standard-normal
+    inputs at the model's default input size, which match the statistics of normalised
+    images only roughly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if data is None:
+        shape = input_size(model)
+        x = torch.randn(count, *shape, generator=gen)
+        what = f"synthetic: {count} Gaussian-noise inputs of {'x'.join(map(str, shape))} (no --calib-data)"
+        return list(x.split(batch_size)), what
+    files = files if files is not None else image_files(data)
+    config = data_config(model)
+    if len(files) > count:
+        files = [files[i] for i in sorted(torch.randperm(len(files), generator=gen)[:count].tolist())]
+    dataset = ImageFiles(files, config)
+    order = list(range(len(files)))
+    loader = folder_loader(dataset, [order[i : i + batch_size] for i in range(0, len(order), batch_size)])
+    size = "x".join(map(str, config["input_size"]))
+    return [checked(b) for b in loader], f"{len(files)} images from {str(data)!r} at {size}"
+
+
+def epoch_batches(
+    count: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded shuffle cut into global batches of
+    ``batch_size * world`` (the last partial one dropped unless it is the only one)."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    step = batch_size * world
+    starts = range(0, max(count - step, 0) + 1, step)
+    return [order[s : s + step][rank::world] for s in starts]
+
+
+def training_batches(
+    dataset: ImageFiles,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
+    """An endless, resumable stream of batches: step ``s`` always gets the same images."""
+    per_epoch = len(epoch_batches(len(dataset), batch_size, seed, 0, rank, world))
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)[skip:]
+        for batch in folder_loader(dataset, batches, workers, pin_memory):
+            yield checked(batch)
+        epoch, skip = epoch + 1, 0

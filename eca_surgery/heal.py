@@ -1,0 +1,384 @@
+"""Heal a patched model: distil the original (teacher) into it on unlabelled images.
+
+The loss is the KL divergence between the teacher's and the student's softened logits
+(times T^2, as in Hinton et al.), plus optionally the mean squared difference of
+their ``forward_features`` maps. Only the chosen parameters train: the new ECA
+kernels (``eca``), those and every normalisation layer, whose running statistics also
+update (``norm``), or everything (``all``). AdamW at a constant learning rate.
+
+Healing is resumable and deterministic: step ``s`` always sees the same images, and
+the output's metadata and its ``.heal-state.pt`` companion (optimizer moments) let a
+run continue exactly where it stopped. Under ``torchrun`` each process takes its own
+share of every batch (DistributedDataParallel) and process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Patched, check_output, open_patched, save_patched
+from .data import ImageFiles, data_config, image_files, training_batches
+from .errors import SurgeryError
+from .models import build_with_weights
+from .weights import read_state_dict
+
+TRAIN = ("eca", "norm", "all")
+# the settings a resumed run must share with the run it continues
+RESUME_KEYS = ("train", "lr", "batch_size", "seed", "temperature", "feature_weight", "weight_decay")
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """What a heal run trains, and how."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    train: str = "norm"
+    batch_size: int = 32
+    temperature: float = 1.0
+    feature_weight: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.train not in TRAIN:
+            raise SurgeryError(f"Unknown --train {self.train!r}; choose one of: {', '.join(TRAIN)}.")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SurgeryError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}."
+                )
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise SurgeryError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.feature_weight < 0 or self.weight_decay < 0:
+            raise SurgeryError("--feature-weight and --weight-decay must not be negative.")
+
+
+@dataclass
+class HealResult:
+    """A healed model and how its training went."""
+
+    patched: Patched
+    settings: HealSettings
+    start_step: int
+    step: int
+    losses: list[float] = field(default_factory=list)
+    images_per_s: float = 0.0
+    output: Path | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.patched.model
+
+
+def is_norm(module: nn.Module) -> bool:
+    """BatchNorm, LayerNorm, GroupNorm and the like, timm's fused norm-act layers included."""
+    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    return isinstance(module, torch_norms) or "norm" in type(module).__name__.lower()
+
+
+def select_trainable(model: nn.Module, eca_paths: list[str], train: str) -> list[str]:
+    """Freeze ``model`` but for what ``train`` names; return the trainable parameter names.
+
+    Also sets the training mode: all of the model for ``all``, else only trainable norm
+    layers (so their running statistics follow the patched features).
+    """
+    model.eval().requires_grad_(train == "all")
+    if train == "all":
+        model.train()
+        return [n for n, _ in model.named_parameters()]
+    modules = [model.get_submodule(p) for p in eca_paths]
+    if train == "norm":
+        modules += [m for m in model.modules() if is_norm(m)]
+    for m in modules:
+        m.requires_grad_(True)
+        if train == "norm":
+            m.train()
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+class _FeaturesAndLogits(nn.Module):
+    """Run a timm classifier as ``forward_features`` then ``forward_head``, returning both."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return features, self.model.forward_head(features)
+
+
+def distillation_loss(
+    student: tuple[torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    temperature: float,
+    feature_weight: float,
+) -> torch.Tensor:
+    """KL(teacher || student) on logits softened by ``temperature``, times T^2, plus
+    ``feature_weight`` times the MSE of the feature maps."""
+    (s_feat, s_logits), (t_feat, t_logits) = student, teacher
+    t = temperature
+    loss = F.kl_div(
+        F.log_softmax(s_logits.float() / t, 1),
+        F.log_softmax(t_logits.float() / t, 1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+    if feature_weight:
+        loss = loss + feature_weight * F.mse_loss(s_feat.float(), t_feat.float())
+    return loss
+
+
+def state_path(output: str | Path) -> Path:
+    """The companion file that holds a heal run's optimizer state."""
+    output = Path(output)
+    return output.with_name(output.name + ".heal-state.pt")
+
+
+def build_teacher(
+    name: str, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
+) -> tuple[nn.Module, str]:
+    """The original model with its trained weights: from ``checkpoint``, else timm's
+    pretrained weights from the Hugging Face cache."""
+    from .weights import pretrained_file
+
+    if checkpoint is not None:
+        path, source = Path(checkpoint), str(checkpoint)
+    else:
+        path, source = pretrained_file(name, "--teacher-checkpoint")
+    model, _ = build_with_weights(
+        name, read_state_dict(path), f"Teacher checkpoint {str(path)!r}", **model_kwargs
+    )
+    return model.eval().requires_grad_(False), source
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless started by torchrun with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def pick_device(device: str | None) -> torch.device:
+    """``device``, else this process's GPU under torchrun, the GPU, or the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _resume_point(output: Path, settings: HealSettings) -> tuple[dict[str, Any], dict | None]:
+    """The heal metadata of an earlier run's ``output`` and its optimizer state."""
+    patched_meta = open_patched_metadata(output)
+    heal = json.loads(patched_meta.get("heal", "null") or "null")
+    if heal is None:
+        raise SurgeryError(
+            f"--resume: {str(output)!r} was not written by `eca-surgery heal`, so there is nothing to "
+            "resume; drop --resume (and pass --force to overwrite it) or choose another --output."
+        )
+    mine = asdict(settings)
+    changed = [
+        f"{k} {heal['settings'][k]} -> {mine[k]}" for k in RESUME_KEYS if heal["settings"][k] != mine[k]
+    ]
+    if changed:
+        raise SurgeryError(
+            f"--resume: {str(output)!r} was healed with other settings ({'; '.join(changed)}); resume "
+            "with the same settings, or start afresh into another --output."
+        )
+    if heal["step"] >= settings.steps:
+        raise SurgeryError(
+            f"--resume: {str(output)!r} has already been healed for {heal['step']} steps; "
+            f"pass --steps above {heal['step']} to train further."
+        )
+    state = state_path(output)
+    opt = torch.load(state, weights_only=True) if state.is_file() else None
+    if opt is not None and opt.get("step") != heal["step"]:
+        opt = None
+    return heal, opt
+
+
+def open_patched_metadata(path: Path) -> dict[str, str]:
+    from .weights import read_safetensors
+
+    return read_safetensors(path, "Pass a checkpoint written by `eca-surgery heal`.")[1]
+
+
+def heal(
+    patched_path: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    teacher: str | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    settings: HealSettings = HealSettings(),
+    resume: bool = False,
+    force: bool = False,
+    save_every: int = 0,
+    device: str | None = None,
+    workers: int = 0,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+) -> HealResult:
+    """Distil ``teacher`` (by default the patched model's source architecture) into the
+    patched checkpoint ``patched_path`` on the images under ``data``; write ``output``.
+
+    With ``resume``, training continues from ``output`` (written by an earlier run with
+    the same settings) up to ``settings.steps``. ``on_step(step, steps, loss,
+    images_per_s)`` is called after every step (on process 0). ``save_every`` also
+    writes ``output`` every that many steps; an interrupt (Ctrl-C) writes it too, so
+    ``resume`` can continue.
+    """
+    settings.check()
+    output = Path(output)
+    rank, world = _distributed()
+    files = image_files(data)
+    if not resume:
+        check_output(output, force)
+    heal_meta, opt_state = _resume_point(output, settings) if resume else (None, None)
+    patched = open_patched(output if resume else patched_path)
+    start = heal_meta["step"] if heal_meta else 0
+    history = heal_meta or {
+        "source": str(patched_path),
+        "teacher": teacher or patched.model_name,
+        "data": str(data),
+    }
+    name = teacher or patched.model_name
+    if teacher_checkpoint is None and teacher is None:
+        teacher_checkpoint = _source_file(patched, patched_path)
+    t_model, t_source = build_teacher(name, teacher_checkpoint, patched.model_kwargs)
+    history["teacher_weights"] = t_source
+
+    _check_classifier(patched.model, str(patched_path))
+    _check_classifier(t_model, f"teacher {name!r}")
+    dev = pick_device(device)
+    student = patched.model.to(dev)
+    t_model = t_model.to(dev)
+    eca_paths = [e.eca_path for e in patched.plan.edits]
+    trainable = select_trainable(student, eca_paths, settings.train)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state["optimizer"])
+    net: nn.Module = _FeaturesAndLogits(student)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    teacher_net = _FeaturesAndLogits(t_model)
+
+    dataset = ImageFiles(files, data_config(student))
+    batches = training_batches(
+        dataset, settings.batch_size, settings.seed, start, rank, world, workers, dev.type == "cuda"
+    )
+    torch.manual_seed(settings.seed + start)
+    result = HealResult(patched, settings, start, start, output=output)
+    history.update(settings=asdict(settings), trainable=len(trainable))
+
+    def save() -> None:
+        if rank == 0:
+            _save(result, history, output, opt)
+
+    try:
+        for step in range(start, settings.steps):
+            tick = time.perf_counter()
+            x = next(batches).to(dev, non_blocking=True)
+            with torch.no_grad():
+                target = teacher_net(x)
+            out = net(x)
+            if step == start:
+                _check_logits(out[1], target[1])
+            loss = distillation_loss(out, target, settings.temperature, settings.feature_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result.step = step + 1
+            result.losses.append(float(loss.detach()))
+            result.images_per_s = x.shape[0] * world / (time.perf_counter() - tick)
+            if on_step is not None and rank == 0:
+                on_step(step + 1, settings.steps, result.losses[-1], result.images_per_s)
+            if save_every and (step + 1) % save_every == 0 and step + 1 < settings.steps:
+                save()
+    except KeyboardInterrupt:
+        if result.step > start:
+            save()
+        raise SurgeryError(
+            f"Interrupted at step {result.step} of {settings.steps}"
+            + (f"; progress saved to {str(output)!r}" if result.step > start else "")
+            + ". Run the same command with --resume to continue."
+        ) from None
+    save()
+    student.eval()
+    return result
+
+
+def _source_file(patched: Patched, path: str | Path) -> Path | None:
+    """The weights file ``patched`` was converted from, if it still exists; None for
+    timm's pretrained weights; an error for a model converted from random weights."""
+    source = patched.metadata.get("source_weights", "")
+    if source.startswith("timm pretrained"):
+        return None
+    if source and Path(source).is_file():
+        return Path(source)
+    raise SurgeryError(
+        f"{str(path)!r} was converted from {source or 'unknown weights'!r}, which is not a file here; "
+        "pass the original model's weights with --teacher-checkpoint FILE."
+    )
+
+
+def _check_classifier(model: nn.Module, what: str) -> None:
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise SurgeryError(
+            f"heal distils a classifier's logits, but {what} is not a timm classifier (a features_only "
+            "model?). Heal the classifier checkpoint, then build features from it."
+        )
+
+
+def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise SurgeryError(
+            f"heal distils logits, but the patched model gives {tuple(student.shape)} and the teacher "
+            f"{tuple(teacher.shape)}; pass the teacher the patched model was converted from."
+        )
+
+
+def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.optim.Optimizer) -> None:
+    """Write the healed checkpoint, then its optimizer state (both atomically)."""
+    history = history | {
+        "step": result.step,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "loss_first": history.get("loss_first", result.losses[0] if result.losses else None),
+    }
+    p = result.patched
+    init = json.loads(p.metadata.get("init", '{"method": "default"}'))
+    state = state_path(output)
+    tmp = state.with_name(f".{state.name}.tmp")
+    torch.save({"step": result.step, "optimizer": opt.state_dict()}, tmp)
+    save_patched(
+        p.model,
+        output,
+        p.plan,
+        model_kwargs=p.model_kwargs,
+        source=p.metadata.get("source_weights", ""),
+        native=json.loads(p.metadata.get("timm_native", "null")),
+        init=init,
+        heal=history,
+        force=True,
+    )
+    os.replace(tmp, state)

@@ -1,0 +1,232 @@
+"""Fitted (fit-se) and identity initialisation of new ECA blocks, and calibration data."""
+
+import json
+
+import pytest
+import timm
+import torch
+from cli_helpers import run_fail, run_ok
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.layers import SEModule
+from torch import nn
+
+from eca_surgery import load_patched
+from eca_surgery.apply import apply_plan
+from eca_surgery.data import calibration_batches, epoch_batches, image_files
+from eca_surgery.init import fittable, record_se, set_fitted
+from eca_surgery.plan import make_plan
+from eca_surgery.recipe import load_recipe, parse_recipe
+
+SMALL = {"num_classes": 10, "zero_init_last": False, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
+
+
+def exact_se(channels: int, kernel: torch.Tensor, gate: str) -> SEModule:
+    """An SE block whose pre-gate output is exactly ``conv1d(pooled, kernel)``: an identity
+    first layer, no activation, and the kernel's band matrix as second layer."""
+    se = SEModule(channels, rd_ratio=1.0, act_layer=nn.Identity, gate_layer=gate)
+    k = len(kernel)
+    band = torch.zeros(channels, channels)
+    for c in range(channels):
+        for j in range(k):
+            if 0 <= c + j - k // 2 < channels:
+                band[c, c + j - k // 2] = kernel[j]
+    with torch.no_grad():
+        se.fc1.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+        se.fc2.weight.copy_(band.view(channels, channels, 1, 1))
+        se.fc1.bias.zero_()
+        se.fc2.bias.zero_()
+    return se
+
+
+@pytest.mark.parametrize("gate, eca_gate", [("sigmoid", "sigmoid"), ("hard_sigmoid", "keep")])
+def test_fit_se_recovers_an_exact_eca_solution(gate, eca_gate):
+    model = timm.create_model("seresnet18", zero_init_last=False).eval()
+    kernel = torch.tensor([0.3, -1.2, 0.7, 0.25, -0.5])  # k = 5 is the rule's size for 128 channels
+    model.layer2[1].se = exact_se(128, kernel, gate)
+    recipe = parse_recipe(
+        f"version: 1\nrules:\n  - action: replace\n    select: {{se: true}}\n    eca: {{gate: {eca_gate}}}"
+    )
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    plan = make_plan(model, recipe, "seresnet18")
+    edits = fittable(model, plan)
+    assert len(edits) == 8
+    problems, targets, _ = record_se(model, edits, list(torch.randn(8, 3, 64, 64).split(4)))
+    apply_plan(model, plan)
+    fits = {f.path: f for f in set_fitted(model, edits, problems, targets)}
+
+    got = model.layer2[1].se.conv.weight.flatten()
+    assert torch.allclose(got, kernel, atol=1e-5), got
+    assert fits["layer2.1.se"].rel_error < 1e-5 and fits["layer2.1.se"].r2 > 1 - 1e-9
+    assert targets["layer2.1.se"] == "pre-gate output"
+    # the fitted block now computes what the SE block computed
+    se_free = model.layer2[1]
+    se_free.se = exact_se(128, kernel, gate).eval()
+    inner = torch.randn(2, 128, 8, 8)
+    eca = model.layer2[1].se
+    with torch.no_grad():
+        assert torch.allclose(eca(inner), se_free.se(inner), atol=1e-5)
+    assert expected.shape == (4, 1000)
+
+
+def test_least_squares_never_worse_than_a_zero_kernel():
+    model = timm.create_model("seresnet18", zero_init_last=False).eval()
+    plan = make_plan(model, load_recipe("se-to-eca"), "seresnet18")
+    edits = fittable(model, plan)
+    problems, targets, _ = record_se(model, edits, [torch.randn(4, 3, 64, 64)])
+    apply_plan(model, plan)
+    for fit in set_fitted(model, edits, problems, targets):
+        assert 0 <= fit.rel_error <= 1 + 1e-9 and fit.samples == 4
+
+
+@pytest.fixture(scope="module")
+def small_se(tmp_path_factory):
+    """Checkpoints of random but non-degenerate (zero_init_last=False) models, and an image folder
+    (two class folders, one level deeper for some, PNG and JPEG, and a text file to skip)."""
+    root = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    model = timm.create_model("seresnet18", **SMALL)
+    save_file(model.state_dict(), root / "se.safetensors")
+    save_file(timm.create_model("seresnet18", zero_init_last=False).state_dict(), root / "se224.safetensors")
+    plain = timm.create_model("resnet18", **SMALL)
+    save_file(plain.state_dict(), root / "plain.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10):
+        folder = root / "images" / f"class{i % 2}" / ("deep" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(40, 48, 3, generator=gen) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "images" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_convert_fit_se_reports_fits_and_fidelity(small_se, tmp_path):
+    out = tmp_path / "fit.safetensors"
+    args = ["convert", "seresnet18", "-r", "se-to-eca", "-c", str(small_se / "se224.safetensors")]
+    args += ["--init", "fit-se", "--calib-data", str(small_se / "images"), "-o", str(out), "--json"]
+    report = json.loads(run_ok(args))
+    init = report["init"]
+    assert init["method"] == "fit-se" and init["calibration"].startswith("10 images from")
+    assert [b["path"] for b in init["blocks"]] == [e["path"] for e in report["edits"]]
+    for b in init["blocks"]:
+        assert 0 <= b["rel_error"] <= 1 and b["samples"] == 10 and b["target"] == "pre-gate output"
+    for key in ("fidelity", "fidelity_default"):
+        assert init[key]["samples"] == 10 and -1 <= init[key]["cosine"] <= 1 + 1e-6
+        assert 0 <= init[key]["top1_agreement"] <= 1
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["init"])["blocks"] == init["blocks"]
+        kernel = f.get_tensor("layer1.0.se.conv.weight")
+    # the saved kernels are the fitted ones, and the file rebuilds the same model
+    assert load_patched(out).layer1[0].se.conv.weight.flatten().tolist() == kernel.flatten().tolist()
+
+
+def test_fit_se_is_deterministic_and_seeded_synthetic(small_se):
+    from eca_surgery.surgery import convert
+
+    recipe = load_recipe("se-to-eca")
+    runs = [
+        convert(
+            "seresnet18", recipe, checkpoint=small_se / "se.safetensors", init="fit-se", calib_size=6, **SMALL
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].init == runs[1].init
+    assert runs[0].init["calibration"].startswith("synthetic: 6 Gaussian-noise inputs of 3x32x32")
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_identity_init_keeps_the_original_function_exactly(small_se, tmp_path):
+    from eca_surgery.checkpoint import save_patched
+    from eca_surgery.surgery import convert
+
+    original = timm.create_model("resnet18", **SMALL).eval()
+    original.load_state_dict(load_file(small_se / "plain.safetensors"))
+    conv = convert(
+        "resnet18",
+        load_recipe("eca-after-stages"),
+        checkpoint=small_se / "plain.safetensors",
+        init="identity",
+        calib_data=small_se / "images",
+        **SMALL,
+    )
+    assert conv.init["fidelity"]["max_abs_diff"] == 0 and conv.init["fidelity"]["top1_agreement"] == 1
+    assert {e.gate for e in conv.plan.edits} == {"double_sigmoid"}
+    assert conv.plan.params_after - conv.plan.params_before == 15  # k = 5, 5, 5
+    path = save_patched(
+        conv.model, tmp_path / "id.safetensors", conv.plan, model_kwargs=conv.model_kwargs, init=conv.init
+    )
+    patched = load_patched(path)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(patched(x), original(x))
+    default = convert(
+        "resnet18", load_recipe("eca-after-stages"), checkpoint=small_se / "plain.safetensors", **SMALL
+    )
+    with torch.no_grad():
+        assert not torch.allclose(default.model(x), original(x))  # the paper's gate halves every channel
+
+
+def test_init_errors(small_se, tmp_path):
+    se = ["-c", str(small_se / "se.safetensors"), "-o", str(tmp_path / "o.safetensors")]
+    msg = run_fail(
+        [
+            "convert",
+            "resnet18",
+            "-r",
+            "eca-after-stages",
+            "--init",
+            "fit-se",
+            "-o",
+            str(tmp_path / "o.safetensors"),
+        ],
+        tmp_path,
+    )
+    assert "replaces no SE block" in msg and "--init identity" in msg
+    msg = run_fail(
+        [
+            "convert",
+            "seresnet18",
+            "-r",
+            "se-to-eca",
+            "--init",
+            "identity",
+            "-o",
+            str(tmp_path / "o.safetensors"),
+        ],
+        tmp_path,
+    )
+    assert "inserts none" in msg and "--init fit-se" in msg
+    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--init", "fitted"] + se, tmp_path)
+    assert "Unknown --init 'fitted'" in msg
+    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--calib-data", str(tmp_path)] + se, tmp_path)
+    assert "--calib-data is used by --init fit-se" in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = run_fail(
+        ["convert", "seresnet18", "-r", "se-to-eca", "--init", "fit-se", "--calib-data", str(empty)] + se,
+        tmp_path,
+    )
+    assert "holds no images" in msg
+
+
+def test_image_folder_discovery_and_batches(small_se, tmp_path):
+    files = image_files(small_se / "images")
+    assert len(files) == 10 and {f.suffix for f in files} == {".png", ".jpg"}
+    model = timm.create_model("resnet18", **SMALL)
+    batches, described = calibration_batches(model, small_se / "images", count=7, batch_size=3, seed=1)
+    assert [b.shape[0] for b in batches] == [3, 3, 1] and batches[0].shape[1:] == (3, 32, 32)
+    assert "7 images" in described
+    # every image of an epoch once, the same order for the same seed and epoch, per-rank shares
+    assert sorted(sum(epoch_batches(10, 5, 0, 0), [])) == list(range(10))
+    assert epoch_batches(10, 4, 0, 3) == epoch_batches(10, 4, 0, 3) != epoch_batches(10, 4, 0, 4)
+    r0, r1 = epoch_batches(10, 2, 0, 0, 0, 2), epoch_batches(10, 2, 0, 0, 1, 2)
+    assert sorted(sum(r0 + r1, [])) == sorted(sum(epoch_batches(10, 4, 0, 0), []))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    from eca_surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match="bad.png' cannot be read"):
+        calibration_batches(model, tmp_path, count=4)
