@@ -472,6 +472,8 @@ def heal(
                 workers=workers,
                 on_step=on_step,
             )
+        if result.rank != 0:
+            return
         report = {
             "output": str(output),
             "steps": result.step,

@@ -76,6 +76,7 @@ class HealResult:
     losses: list[float] = field(default_factory=list)
     images_per_s: float = 0.0
     output: Path | None = None
+    rank: int = 0
 
     @property
     def model(self) -> nn.Module:
@@ -288,7 +289,7 @@ def heal(
         dataset, settings.batch_size, settings.seed, start, rank, world, workers, dev.type == "cuda"
     )
     torch.manual_seed(settings.seed + start)
-    result = HealResult(patched, settings, start, start, output=output)
+    result = HealResult(patched, settings, start, start, output=output, rank=rank)
     history.update(settings=asdict(settings), trainable=len(trainable))
 
     def save() -> None:
@@ -324,6 +325,11 @@ def heal(
             + ". Run the same command with --resume to continue."
         ) from None
     save()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every process returns only once process 0 has written the output
+        dist.destroy_process_group()
     student.eval()
     return result
 
