@@ -44,8 +44,41 @@ OutIndicesOpt = Annotated[
     typer.Option("--out-indices", help="Feature maps to return, e.g. 1,2,3,4 (implies --features-only)."),
 ]
 
+ModelArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--model-arg",
+        "-m",
+        help="A timm.create_model kwarg as KEY=VALUE, VALUE read as JSON if it parses (e.g. num_classes=10); "
+        "repeatable. Use the kwargs the source weights were trained with.",
+    ),
+]
 
-def _model_kwargs(features_only: bool, out_indices: str | None) -> dict[str, Any]:
+
+def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SurgeryError(
+                f"--model-arg {item!r} is not KEY=VALUE with a Python name as KEY, e.g. num_classes=10 "
+                "or pretrained_cfg_overlay='{\"input_size\": [3, 64, 64]}'."
+            )
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return kwargs
+
+
+def _model_kwargs(
+    features_only: bool, out_indices: str | None, model_args: list[str] | None = None
+) -> dict[str, Any]:
+    kwargs = _parse_model_args(model_args)
+    return kwargs | _feature_kwargs(features_only, out_indices)
+
+
+def _feature_kwargs(features_only: bool, out_indices: str | None) -> dict[str, Any]:
     if out_indices is None:
         return {"features_only": True} if features_only else {}
     try:
@@ -102,6 +135,7 @@ def inspect(
     recipe: RecipeOpt = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
+    model_arg: ModelArgOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's SE blocks and, with --recipe, what the recipe would change. Writes nothing."""
@@ -109,7 +143,7 @@ def inspect(
         from .recipe import load_recipe
 
         parsed = load_recipe(recipe) if recipe else None
-        kwargs = _model_kwargs(features_only, out_indices)
+        kwargs = _model_kwargs(features_only, out_indices, model_arg)
         from .report import plan_to_dict, render_plan, render_se_blocks, render_totals, se_blocks_to_dict
         from .surgery import inspect as inspect_model
 
@@ -188,6 +222,7 @@ def convert(
     calib_size: Annotated[int, typer.Option(help="How many calibration inputs to use.")] = 64,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
+    model_arg: ModelArgOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert MODEL as the recipe says, check a forward pass, and save a safetensors checkpoint."""
@@ -204,7 +239,7 @@ def convert(
         from .recipe import load_recipe
 
         parsed = load_recipe(recipe)
-        kwargs = _model_kwargs(features_only, out_indices)
+        kwargs = _model_kwargs(features_only, out_indices, model_arg)
         from .checkpoint import check_output, save_patched
         from .report import plan_to_dict, render_init, render_plan, render_totals
         from .surgery import convert as convert_model
@@ -507,6 +542,7 @@ def recipe_check(
     ] = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
+    model_arg: ModelArgOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate a recipe; with --model, show the plan it gives (built on the meta device, no weights)."""
@@ -519,7 +555,7 @@ def recipe_check(
             from .report import plan_to_dict
             from .surgery import inspect as inspect_model
 
-            plan = inspect_model(model, parsed, **_model_kwargs(features_only, out_indices)).plan
+            plan = inspect_model(model, parsed, **_model_kwargs(features_only, out_indices, model_arg)).plan
             report["plan"] = plan_to_dict(plan)
         if json_out:
             _print_json(report)

@@ -90,7 +90,6 @@ def small_se(tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model("seresnet18", **SMALL)
     save_file(model.state_dict(), root / "se.safetensors")
-    save_file(timm.create_model("seresnet18", zero_init_last=False).state_dict(), root / "se224.safetensors")
     plain = timm.create_model("resnet18", **SMALL)
     save_file(plain.state_dict(), root / "plain.safetensors")
     gen = torch.Generator().manual_seed(0)
@@ -105,11 +104,14 @@ def small_se(tmp_path_factory):
 
 def test_convert_fit_se_reports_fits_and_fidelity(small_se, tmp_path):
     out = tmp_path / "fit.safetensors"
-    args = ["convert", "seresnet18", "-r", "se-to-eca", "-c", str(small_se / "se224.safetensors")]
+    args = ["convert", "seresnet18", "-r", "se-to-eca", "-c", str(small_se / "se.safetensors")]
+    args += ["-m", "num_classes=10", "-m", "zero_init_last=false"]
+    args += ["--model-arg", 'pretrained_cfg_overlay={"input_size": [3, 32, 32]}']
     args += ["--init", "fit-se", "--calib-data", str(small_se / "images"), "-o", str(out), "--json"]
     report = json.loads(run_ok(args))
     init = report["init"]
-    assert init["method"] == "fit-se" and init["calibration"].startswith("10 images from")
+    assert init["method"] == "fit-se" and init["calibration"].endswith("at 3x32x32")
+    assert init["calibration"].startswith("10 images from")
     assert [b["path"] for b in init["blocks"]] == [e["path"] for e in report["edits"]]
     for b in init["blocks"]:
         assert 0 <= b["rel_error"] <= 1 and b["samples"] == 10 and b["target"] == "pre-gate output"
@@ -118,6 +120,7 @@ def test_convert_fit_se_reports_fits_and_fidelity(small_se, tmp_path):
         assert 0 <= init[key]["top1_agreement"] <= 1
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["init"])["blocks"] == init["blocks"]
+        assert json.loads(f.metadata()["model_kwargs"]) == SMALL
         kernel = f.get_tensor("layer1.0.se.conv.weight")
     # the saved kernels are the fitted ones, and the file rebuilds the same model
     assert load_patched(out).layer1[0].se.conv.weight.flatten().tolist() == kernel.flatten().tolist()
@@ -200,6 +203,8 @@ def test_init_errors(small_se, tmp_path):
         tmp_path,
     )
     assert "inserts none" in msg and "--init fit-se" in msg
+    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "-m", "classes"] + se, tmp_path)
+    assert "--model-arg 'classes' is not KEY=VALUE" in msg
     msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--init", "fitted"] + se, tmp_path)
     assert "Unknown --init 'fitted'" in msg
     msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--calib-data", str(tmp_path)] + se, tmp_path)
