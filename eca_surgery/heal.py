@@ -180,7 +180,20 @@ def _distributed() -> tuple[int, int]:
 def pick_device(device: str | None) -> torch.device:
     """``device``, else this process's GPU under torchrun, the GPU, or the CPU."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise SurgeryError(
+                f"--device {device!r} is not a device; use e.g. cpu, cuda or cuda:1."
+            ) from None
+        if dev.type == "cuda" and (
+            not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+        ):
+            raise SurgeryError(
+                f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) that torch can "
+                "use; pick one of them or --device cpu."
+            )
+        return dev
     if torch.cuda.is_available():
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
@@ -190,6 +203,11 @@ def pick_device(device: str | None) -> torch.device:
 
 def _resume_point(output: Path, settings: HealSettings) -> tuple[dict[str, Any], dict | None]:
     """The heal metadata of an earlier run's ``output`` and its optimizer state."""
+    if not output.is_file():
+        raise SurgeryError(
+            f"--resume: {str(output)!r} does not exist, so there is no earlier run to continue; "
+            "drop --resume to start one."
+        )
     patched_meta = open_patched_metadata(output)
     heal = json.loads(patched_meta.get("heal", "null") or "null")
     if heal is None:
@@ -249,6 +267,7 @@ def heal(
     ``resume`` can continue.
     """
     settings.check()
+    dev = pick_device(device)
     output = Path(output)
     rank, world = _distributed()
     files = image_files(data)
@@ -270,7 +289,6 @@ def heal(
 
     _check_classifier(patched.model, str(patched_path))
     _check_classifier(t_model, f"teacher {name!r}")
-    dev = pick_device(device)
     student = patched.model.to(dev)
     t_model = t_model.to(dev)
     eca_paths = [e.eca_path for e in patched.plan.edits]

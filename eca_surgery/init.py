@@ -29,7 +29,9 @@ from .plan import Edit, Plan
 INITS = ("default", "fit-se", "identity")
 INSERTED = ("slot", "after", "before")
 _GATE_KINDS = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
-_EPS = 1e-6
+# A saturated SE gate (a hard sigmoid reaches exactly 0 or 1) has no finite sigmoid inverse;
+# clamping to [0.01, 0.99] (logits within +-4.6) keeps such channels from dominating the fit.
+_EPS = 1e-2
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,10 @@ def test_heal_user_errors(setup, tmp_path):
     assert "Unknown --train 'bias'" in msg
     msg = run_fail(heal_args(patched, root, out, "--steps", "0"), tmp_path, out)
     assert "--steps must be at least 1" in msg
+    msg = run_fail(heal_args(patched, root, out, "--device", "banana"), tmp_path, out)
+    assert "--device 'banana' is not a device" in msg
+    msg = run_fail(heal_args(patched, root, out, "--device", "cuda:7"), tmp_path, out)
+    assert "--device 'cuda:7'" in msg and "--device cpu" in msg
     out.write_bytes(b"keep me")
     msg = run_fail(heal_args(patched, root, out), tmp_path)
     assert "already exists" in msg and out.read_bytes() == b"keep me"
