@@ -139,14 +139,6 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
         )
 
 
-def describe_fidelity(f: dict[str, Any]) -> str:
-    """'logits cosine 0.998, top-1 agreement 97.0%' for an ``init.fidelity`` result."""
-    text = f"cosine {f['cosine']:.4f}, max |diff| {f['max_abs_diff']:.3g}"
-    if "top1_agreement" in f:
-        text += f", top-1 agreement {f['top1_agreement']:.1%}"
-    return text
-
-
 def render_init(console: Console, init: dict[str, Any]) -> None:
     """Print how the new ECA kernels were started: per-block fits and output fidelity."""
     from rich.table import Table
@@ -164,10 +156,18 @@ def render_init(console: Console, init: dict[str, Any]) -> None:
             )  # fmt: skip
         console.print(table)
     console.print(f"Calibration: {escape(init['calibration'])}")
-    outputs = "outputs vs the original on the calibration inputs"
-    if "fidelity_default" in init:
-        console.print(f"With default init: {outputs}: {describe_fidelity(init['fidelity_default'])}")
-    console.print(f"With {init['method']} init: {outputs}: {describe_fidelity(init['fidelity'])}")
+    table = Table(
+        title="Outputs of the converted model vs the original's on the calibration inputs",
+        title_justify="left",
+    )
+    for column in ("init", "mean cosine", "max |diff|", "top-1 agreement"):
+        table.add_column(column, justify="left" if column == "init" else "right")
+    rows = [("default", init.get("fidelity_default")), (init["method"], init["fidelity"])]
+    for name, f in rows:
+        if f is not None:
+            agree = f"{f['top1_agreement']:.1%}" if "top1_agreement" in f else "-"
+            table.add_row(name, f"{f['cosine']:.4f}", f"{f['max_abs_diff']:.3g}", agree)
+    console.print(table)
 
 
 def _gmacs(macs: int | None) -> str:
