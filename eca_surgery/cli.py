@@ -48,7 +48,6 @@ ModelArgOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--model-arg",
-        "-m",
         help="A timm.create_model kwarg as KEY=VALUE, VALUE read as JSON if it parses (e.g. num_classes=10); "
         "repeatable. Use the kwargs the source weights were trained with.",
     ),
@@ -108,6 +107,9 @@ def _user_errors():
     except SurgeryError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("Interrupted; outputs are written atomically, so nothing was left half-written.")
+        raise typer.Exit(130) from None
 
 
 def _print_json(data: dict[str, Any]) -> None:

@@ -74,9 +74,22 @@ class ImageFiles(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                return self.transform(img.convert("RGB")), ""
+                return self.transform(to_rgb(img)), ""
         except Exception as exc:  # PIL raises many types for a bad file; all mean "cannot read"
             return torch.zeros(self.shape), f"Image {str(path)!r} cannot be read ({exc})"
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB; 16- and 32-bit integer greyscale scaled down, not clipped."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': PIL's convert would clip at 255
+        import numpy as np
+
+        pixels = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or pixels.max() <= 65535 else float(pixels.max())
+        img = Image.fromarray(np.rint(pixels * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def checked(batch: tuple[torch.Tensor, list[str]]) -> torch.Tensor:

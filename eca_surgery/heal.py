@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +87,15 @@ class HealResult:
         return self.patched.model
 
 
+_NORM_NAME = re.compile(r"(Rms|Simple|Layer|Group|Batch|Instance)?Norm(Act)?[123]?d?")
+
+
 def is_norm(module: nn.Module) -> bool:
-    """BatchNorm, LayerNorm, GroupNorm and the like, timm's fused norm-act layers included."""
-    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    return isinstance(module, torch_norms) or "norm" in type(module).__name__.lower()
+    """A normalisation layer: torch's BatchNorm, InstanceNorm, LayerNorm and GroupNorm (timm's
+    BatchNormAct2d, LayerNorm2d, ... subclass them) and timm's RmsNorm/SimpleNorm. Not a
+    block that merely contains one, such as ``ConvNormAct`` or ``NormMlpClassifierHead``."""
+    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return isinstance(module, torch_norms) or bool(_NORM_NAME.fullmatch(type(module).__name__))
 
 
 def select_trainable(model: nn.Module, eca_paths: list[str], train: str) -> list[str]:
@@ -99,12 +108,12 @@ def select_trainable(model: nn.Module, eca_paths: list[str], train: str) -> list
     if train == "all":
         model.train()
         return [n for n, _ in model.named_parameters()]
-    modules = [model.get_submodule(p) for p in eca_paths]
-    if train == "norm":
-        modules += [m for m in model.modules() if is_norm(m)]
+    norms = {m for m in model.modules() if is_norm(m)} if train == "norm" else set()
+    modules = [model.get_submodule(p) for p in eca_paths] + list(norms)
     for m in modules:
-        m.requires_grad_(True)
-        if train == "norm":
+        for p in m.parameters(recurse=m not in norms):
+            p.requires_grad_(True)
+        if m in norms:
             m.train()
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -201,7 +210,9 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _resume_point(output: Path, settings: HealSettings) -> tuple[dict[str, Any], dict | None]:
+def _resume_point(
+    output: Path, settings: HealSettings, origin: dict[str, str]
+) -> tuple[dict[str, Any], dict | None]:
     """The heal metadata of an earlier run's ``output`` and its optimizer state."""
     if not output.is_file():
         raise SurgeryError(
@@ -219,6 +230,7 @@ def _resume_point(output: Path, settings: HealSettings) -> tuple[dict[str, Any],
     changed = [
         f"{k} {heal['settings'][k]} -> {mine[k]}" for k in RESUME_KEYS if heal["settings"][k] != mine[k]
     ]
+    changed += [f"{k} {heal.get(k)!r} -> {v!r}" for k, v in origin.items() if heal.get(k) != v]
     if changed:
         raise SurgeryError(
             f"--resume: {str(output)!r} was healed with other settings ({'; '.join(changed)}); resume "
@@ -231,8 +243,12 @@ def _resume_point(output: Path, settings: HealSettings) -> tuple[dict[str, Any],
         )
     state = state_path(output)
     opt = torch.load(state, weights_only=True) if state.is_file() else None
-    if opt is not None and opt.get("step") != heal["step"]:
-        opt = None
+    if opt is None or opt.get("step") != heal["step"]:
+        raise SurgeryError(
+            f"--resume: the optimizer state {str(state)!r} that goes with {str(output)!r} is missing or "
+            "from another step, so the run cannot continue exactly. Restore it, or start afresh from "
+            f"{str(output)!r} as PATCHED without --resume (into another --output)."
+        )
     return heal, opt
 
 
@@ -273,22 +289,34 @@ def heal(
     files = image_files(data)
     if not resume:
         check_output(output, force)
-    heal_meta, opt_state = _resume_point(output, settings) if resume else (None, None)
+    origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
+    if teacher is not None:
+        origin["teacher"] = teacher
+    if teacher_checkpoint is not None:
+        origin["teacher_weights"] = str(teacher_checkpoint)
+    heal_meta, opt_state = _resume_point(output, settings, origin) if resume else (None, None)
     patched = open_patched(output if resume else patched_path)
+    _check_classifier(patched.model, str(patched_path))
     start = heal_meta["step"] if heal_meta else 0
-    history = heal_meta or {
-        "source": str(patched_path),
-        "teacher": teacher or patched.model_name,
-        "data": str(data),
-    }
-    name = teacher or patched.model_name
+    history = heal_meta or {"teacher": teacher or patched.model_name, **origin}
+    name = history["teacher"]
+    if (
+        teacher_checkpoint is None
+        and "teacher_weights" in history
+        and Path(history["teacher_weights"]).is_file()
+    ):
+        teacher_checkpoint = history["teacher_weights"]  # resuming: the teacher the run began with
     if teacher_checkpoint is None and teacher is None:
         teacher_checkpoint = _source_file(patched, patched_path)
     t_model, t_source = build_teacher(name, teacher_checkpoint, patched.model_kwargs)
     history["teacher_weights"] = t_source
-
-    _check_classifier(patched.model, str(patched_path))
     _check_classifier(t_model, f"teacher {name!r}")
+    per_step = min(settings.batch_size, len(files) // world)
+    if settings.train != "eca" and per_step < 2:
+        raise SurgeryError(
+            f"Each step would see {per_step} image(s) per process, but --train {settings.train} updates "
+            "BatchNorm statistics, which needs at least 2; add images, raise --batch-size, or use --train eca."
+        )
     student = patched.model.to(dev)
     t_model = t_model.to(dev)
     eca_paths = [e.eca_path for e in patched.plan.edits]
@@ -314,8 +342,17 @@ def heal(
         if rank == 0:
             _save(result, history, output, opt)
 
-    try:
+    with _stop_requests() as stop:
         for step in range(start, settings.steps):
+            if stop:
+                if result.step > start:
+                    save()
+                saved = f"; progress saved to {str(output)!r}. Run the same command with --resume to continue"
+                raise SurgeryError(
+                    f"Interrupted ({stop[0]}) after step {result.step} of {settings.steps}"
+                    + (saved if result.step > start else ", before any step finished; nothing was written")
+                    + "."
+                )
             tick = time.perf_counter()
             x = next(batches).to(dev, non_blocking=True)
             with torch.no_grad():
@@ -334,14 +371,6 @@ def heal(
                 on_step(step + 1, settings.steps, result.losses[-1], result.images_per_s)
             if save_every and (step + 1) % save_every == 0 and step + 1 < settings.steps:
                 save()
-    except KeyboardInterrupt:
-        if result.step > start:
-            save()
-        raise SurgeryError(
-            f"Interrupted at step {result.step} of {settings.steps}"
-            + (f"; progress saved to {str(output)!r}" if result.step > start else "")
-            + ". Run the same command with --resume to continue."
-        ) from None
     save()
     if world > 1:
         import torch.distributed as dist
@@ -364,6 +393,30 @@ def _source_file(patched: Patched, path: str | Path) -> Path | None:
         f"{str(path)!r} was converted from {source or 'unknown weights'!r}, which is not a file here; "
         "pass the original model's weights with --teacher-checkpoint FILE."
     )
+
+
+@contextmanager
+def _stop_requests():
+    """A list that gets the signal's name on Ctrl-C or SIGTERM, so the loop stops between
+    steps (where the saved state is consistent) instead of in the middle of one."""
+    stop: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(signum, frame):
+        if stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, request)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_classifier(model: nn.Module, what: str) -> None:

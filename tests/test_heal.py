@@ -142,3 +142,77 @@ def test_heal_user_errors(setup, tmp_path):
         out,
     )
     assert "Teacher checkpoint" in msg
+
+
+def test_an_interrupt_stops_between_steps_and_resume_is_exact(setup, tmp_path):
+    """Ctrl-C (SIGINT) mid-run saves a consistent state: weights, BatchNorm statistics and
+    optimizer moments of the last finished step, so --resume equals an uninterrupted run."""
+    import os
+    import signal
+
+    from eca_surgery.errors import SurgeryError
+    from eca_surgery.heal import HealSettings, heal
+
+    root, patched, teacher = setup
+    settings = HealSettings(steps=4, batch_size=4, lr=0.01, train="norm")
+    args = dict(teacher_checkpoint=teacher, settings=settings)
+
+    def interrupt(step, total, loss, speed):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "interrupted.safetensors"
+    with pytest.raises(SurgeryError, match="Interrupted \\(SIGINT\\) after step 2 of 4; progress saved"):
+        heal(patched, root / "images", out, on_step=interrupt, **args)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    heal(patched, root / "images", out, resume=True, **args)
+    straight = heal(patched, root / "images", tmp_path / "straight.safetensors", **args)
+    a, b = load_file(out), load_file(straight.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_norm_training_means_norm_layers_only():
+    from eca_surgery.heal import select_trainable
+
+    model = timm.create_model("regnety_002", device="meta")  # ConvNormAct blocks hold convs and norms
+    names = select_trainable(model, [], "norm")
+    assert names and all(".bn." in n or n.startswith("stem.bn") for n in names), names[:5]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 20848
+
+
+def test_heal_refuses_single_image_batches_and_changed_data(setup, tmp_path):
+    root, patched, teacher = setup
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(root / "images" / "c0" / "0.png", one / "0.png")
+    out = tmp_path / "out.safetensors"
+    common = ["--teacher-checkpoint", str(teacher), "--steps", "1"]
+    msg = run_fail(["heal", str(patched), "--data", str(one), "-o", str(out), *common], tmp_path, out)
+    assert "needs at least 2" in msg and "--train eca" in msg
+    run_ok(heal_args(patched, root, out, *common))
+    args = [
+        "heal",
+        str(patched),
+        "--data",
+        str(one),
+        "-o",
+        str(out),
+        *FAST,
+        "--teacher-checkpoint",
+        str(teacher),
+    ]
+    msg = run_fail([*args, "--steps", "2", "--resume", "--train", "eca"], tmp_path)
+    assert "healed with other settings" in msg and "data" in msg
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    from eca_surgery.data import to_rgb
+
+    pixels = np.array([[0, 32768], [65535, 1024]], dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")
+        rgb = np.asarray(to_rgb(img))
+    assert rgb[..., 0].tolist() == [[0, 128], [255, 4]]

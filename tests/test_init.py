@@ -105,7 +105,7 @@ def small_se(tmp_path_factory):
 def test_convert_fit_se_reports_fits_and_fidelity(small_se, tmp_path):
     out = tmp_path / "fit.safetensors"
     args = ["convert", "seresnet18", "-r", "se-to-eca", "-c", str(small_se / "se.safetensors")]
-    args += ["-m", "num_classes=10", "-m", "zero_init_last=false"]
+    args += ["--model-arg", "num_classes=10", "--model-arg", "zero_init_last=false"]
     args += ["--model-arg", 'pretrained_cfg_overlay={"input_size": [3, 32, 32]}']
     args += ["--init", "fit-se", "--calib-data", str(small_se / "images"), "-o", str(out), "--json"]
     report = json.loads(run_ok(args))
@@ -203,7 +203,7 @@ def test_init_errors(small_se, tmp_path):
         tmp_path,
     )
     assert "inserts none" in msg and "--init fit-se" in msg
-    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "-m", "classes"] + se, tmp_path)
+    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--model-arg", "classes"] + se, tmp_path)
     assert "--model-arg 'classes' is not KEY=VALUE" in msg
     msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--init", "fitted"] + se, tmp_path)
     assert "Unknown --init 'fitted'" in msg
