@@ -211,16 +211,10 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def _resume_point(
-    output: Path, settings: HealSettings, origin: dict[str, str]
+    output: Path, metadata: dict[str, str], settings: HealSettings, origin: dict[str, str]
 ) -> tuple[dict[str, Any], dict | None]:
-    """The heal metadata of an earlier run's ``output`` and its optimizer state."""
-    if not output.is_file():
-        raise SurgeryError(
-            f"--resume: {str(output)!r} does not exist, so there is no earlier run to continue; "
-            "drop --resume to start one."
-        )
-    patched_meta = open_patched_metadata(output)
-    heal = json.loads(patched_meta.get("heal", "null") or "null")
+    """The heal record in the ``metadata`` of an earlier run's ``output``, and its optimizer state."""
+    heal = json.loads(metadata.get("heal", "null") or "null")
     if heal is None:
         raise SurgeryError(
             f"--resume: {str(output)!r} was not written by `eca-surgery heal`, so there is nothing to "
@@ -250,12 +244,6 @@ def _resume_point(
             f"{str(output)!r} as PATCHED without --resume (into another --output)."
         )
     return heal, opt
-
-
-def open_patched_metadata(path: Path) -> dict[str, str]:
-    from .weights import read_safetensors
-
-    return read_safetensors(path, "Pass a checkpoint written by `eca-surgery heal`.")[1]
 
 
 def heal(
@@ -294,8 +282,15 @@ def heal(
         origin["teacher"] = teacher
     if teacher_checkpoint is not None:
         origin["teacher_weights"] = str(teacher_checkpoint)
-    heal_meta, opt_state = _resume_point(output, settings, origin) if resume else (None, None)
+    if resume and not output.is_file():
+        raise SurgeryError(
+            f"--resume: {str(output)!r} does not exist, so there is no earlier run to continue; "
+            "drop --resume to start one."
+        )
     patched = open_patched(output if resume else patched_path)
+    heal_meta, opt_state = (
+        _resume_point(output, patched.metadata, settings, origin) if resume else (None, None)
+    )
     _check_classifier(patched.model, str(patched_path))
     start = heal_meta["step"] if heal_meta else 0
     history = heal_meta or {"teacher": teacher or patched.model_name, **origin}

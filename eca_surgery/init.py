@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detect import find_adapter, find_se_blocks
-from .plan import Edit, Plan
+from .plan import GATE_NAMES, Edit, Plan
 
 INITS = ("default", "fit-se", "identity")
 INSERTED = ("slot", "after", "before")
-_GATE_KINDS = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
 # A saturated SE gate (a hard sigmoid reaches exactly 0 or 1) has no finite sigmoid inverse;
 # clamping to [0.01, 0.99] (logits within +-4.6) keeps such channels from dominating the fit.
 _EPS = 1e-2
@@ -132,7 +131,7 @@ def record_se(
         se = model.get_submodule(edit.path)
         gate_module = getattr(se, find_adapter(se).gate_attr)
         problems[edit.path] = NormalEquations(edit.kernel_size)
-        same = edit.gate == _GATE_KINDS.get(type(gate_module).__name__)
+        same = edit.gate == GATE_NAMES.get(type(gate_module).__name__)
         targets[edit.path] = "pre-gate output" if same else f"{edit.gate} inverse of the SE gate's output"
         handles.append(se.register_forward_pre_hook(lambda m, a, p=edit.path: on_input(p, m, a)))
         handles.append(

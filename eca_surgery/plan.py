@@ -40,7 +40,7 @@ from .recipe import Recipe, Rule, Selector
 ECA_CLASS = "timm.layers.eca.EcaModule"
 INSERT_NAMES = {"after": "eca", "before": "eca_before"}
 _ATTN_NAMES = {"se", "se_module", "attn", "attention"}
-_GATE_NAMES = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
+GATE_NAMES = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ class _Planner:
         if gate != "keep":
             return gate
         block = self.se.get(path)
-        name = _GATE_NAMES.get(block.gate.__name__) if block and block.gate else None
+        name = GATE_NAMES.get(block.gate.__name__) if block and block.gate else None
         if name is None:
             found = block.gate.__name__ if block and block.gate else "none found"
             raise RecipeError(
