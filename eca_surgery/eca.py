@@ -34,6 +34,8 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     """
     if channels < 1:
         raise ValueError(f"channels must be positive, got {channels}")
+    if not (math.isfinite(gamma) and math.isfinite(b)) or gamma == 0:
+        raise ValueError(f"gamma and b must be finite numbers and gamma non-zero, got gamma={gamma}, b={b}")
     t = int(abs((math.log2(channels) + b) / gamma))
     return t if t % 2 else t + 1
 

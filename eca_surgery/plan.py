@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from .locate import (
     stage_paths,
 )
 from .probe import probe
-from .recipe import Recipe, Rule, Selector
+from .recipe import Recipe, Rule, Selector, compile_glob, compile_regex
 
 ECA_CLASS = "timm.layers.eca.EcaModule"
 INSERT_NAMES = {"after": "eca", "before": "eca_before"}
@@ -143,9 +142,9 @@ class _Planner:
                 continue
             if sel.se and path not in self.se:
                 continue
-            if sel.path and not any(_glob(g).fullmatch(path) for g in sel.path):
+            if sel.path and not any(compile_glob(g).fullmatch(path) for g in sel.path):
                 continue
-            if sel.regex and not any(re.fullmatch(r, path) for r in sel.regex):
+            if sel.regex and not any(compile_regex(r).fullmatch(path) for r in sel.regex):
                 continue
             if sel.cls and not _class_matches(type(module), sel.cls):
                 continue
@@ -257,6 +256,8 @@ class _Planner:
             channels = self.measure(target, calls)
         eca_path = self.insert_path(path, position) if position in INSERT_NAMES else path
         k = rule.eca.kernel_size or eca_kernel_size(channels, rule.eca.gamma, rule.eca.b)
+        if not 1 <= k <= channels:
+            self.kernel_too_large(target, channels, k)
         return Edit(
             path=path,
             action=rule.action,
@@ -272,6 +273,21 @@ class _Planner:
             else 0,
             params_after=k,
             rule=target.rule,
+        )
+
+    def kernel_too_large(self, target: _Target, channels: int, k: int) -> None:
+        """Refuse an ECA kernel wider than the channels it slides over (it would add weights
+        that never meet a channel, and a huge one would exhaust memory)."""
+        eca = self.recipe.rules[target.rule].eca
+        how = "kernel_size" if eca.kernel_size else f"gamma {eca.gamma:g} and b {eca.b:g}"
+        key = (
+            ("rules", target.rule, "eca", "kernel_size") if eca.kernel_size else ("rules", target.rule, "eca")
+        )
+        raise RecipeError(
+            f"Recipe {self.recipe.where(*key)}: rule {target.rule + 1} gives {self.name} module "
+            f"{target.path!r} ({channels} channels) an ECA kernel of size {k} (from {how}); the kernel "
+            f"must be between 1 and the channel count, {channels}. Choose a smaller kernel_size, or a "
+            "larger gamma or smaller b."
         )
 
     def insert_path(self, path: str, position: str) -> str:
@@ -339,6 +355,11 @@ class _Planner:
 
     # -- errors --------------------------------------------------------------------
 
+    def eca_blocks(self) -> list[tuple[str, str]]:
+        """(path, class name) of the ECA blocks the model already has (timm's EcaModule and
+        CecaModule, which are also what this tool puts in), found by class."""
+        return [(p, type(m).__name__) for p, m in self.modules.items() if _is_eca(m)]
+
     def no_match(self, index: int, rule: Rule) -> RecipeError:
         sel = rule.select
         hint = ""
@@ -362,6 +383,13 @@ class _Planner:
                 "attribute that is None or Identity); use 'action: insert' without a placement to add ECA "
                 "after modules, or se-to-eca to replace existing SE blocks."
             )
+        elif sel.se and (ecas := self.eca_blocks()):
+            first_path, first_cls = ecas[0]
+            hint = (
+                f" {self.name} already has {len(ecas)} ECA block{'s' if len(ecas) > 1 else ''} (e.g. at "
+                f"{first_path}, class {first_cls}), so there is no SE block left to replace; it may be "
+                "converted already, or be one of timm's ECA models."
+            )
         elif sel.se:
             attn_like = [
                 f"{p} ({type(m).__name__})"
@@ -379,12 +407,11 @@ class _Planner:
         )
 
 
-def _glob(pattern: str) -> re.Pattern:
-    """A dotted-path glob: ``*`` matches within one segment, ``**`` across segments."""
-    out = []
-    for part in re.split(r"(\*\*|\*|\?)", pattern):
-        out.append({"**": ".*", "*": r"[^.]*", "?": r"[^.]"}.get(part, re.escape(part)))
-    return re.compile("".join(out))
+def _is_eca(module: nn.Module) -> bool:
+    """An ECA block: timm's EcaModule or CecaModule (by class, subclasses included)."""
+    from timm.layers import CecaModule, EcaModule
+
+    return isinstance(module, (EcaModule, CecaModule))
 
 
 def _class_matches(cls: type, names: tuple[str, ...]) -> bool:
