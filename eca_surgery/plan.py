@@ -34,7 +34,7 @@ from .locate import (
     stage_paths,
 )
 from .probe import probe
-from .recipe import Recipe, Rule, Selector, compile_glob, compile_regex
+from .recipe import Recipe, Rule, Selector, compile_glob, compile_regex, excerpt
 
 ECA_CLASS = "timm.layers.eca.EcaModule"
 INSERT_NAMES = {"after": "eca", "before": "eca_before"}
@@ -402,7 +402,7 @@ class _Planner:
                 hint = f" {self.name} has no SE blocks; pick a model with SE blocks (e.g. seresnet50, efficientnet_b0)."
         return RecipeError(
             f"Recipe {self.recipe.where('rules', index)}: rule {index + 1} ({rule.action} "
-            f"{sel.describe()}) matches nothing in {self.name}.{hint} Check the model name and the "
+            f"{excerpt(sel.describe(), 200)}) matches nothing in {self.name}.{hint} Check the model name and the "
             "rule's selector, or mark the rule 'optional: true' if that is expected."
         )
 

@@ -229,7 +229,7 @@ class _Validator:
         if not isinstance(value, dict):
             hint = " (leave the key out for the defaults)" if value is None and path else ""
             raise self.fail(path, f"expected a mapping, got {_describe(value)}{hint}.")
-        unknown = sorted(_excerpt(str(k), 40) for k in value if k not in allowed)
+        unknown = sorted(excerpt(str(k), 40) for k in value if k not in allowed)
         if unknown:
             raise self.fail(
                 (*path, unknown[0]),
@@ -426,7 +426,7 @@ def _is_one_of(value: Any, words: tuple[str, ...]) -> bool:
 def _field_name(path: tuple) -> str:
     out = ""
     for part in path:
-        part = part if isinstance(part, int) else _excerpt(str(part), 40)
+        part = part if isinstance(part, int) else excerpt(str(part), 40)
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -436,7 +436,7 @@ _REPR.maxstring = _REPR.maxother = _REPR.maxlong = EXCERPT
 _REPR.maxlevel = 3
 
 
-def _excerpt(text: str, limit: int = EXCERPT) -> str:
+def excerpt(text: str, limit: int = EXCERPT) -> str:
     """``text`` cut to ``limit`` characters, with an ellipsis where it was cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -447,7 +447,7 @@ def _short_repr(value: Any) -> str:
         text = _REPR.repr(value)
     except (ValueError, RecursionError):  # an int too long to print, a structure too deep
         text = f"<{type(value).__name__}>"
-    return _excerpt(text)
+    return excerpt(text)
 
 
 def _describe(value: Any) -> str:
@@ -487,7 +487,7 @@ def _compile_re2(re2, pattern: str):
         reason = exc.args[0] if exc.args else str(exc)
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
-        raise ValueError(_excerpt(str(reason)) + _unsupported(str(reason))) from None
+        raise ValueError(excerpt(str(reason)) + _unsupported(str(reason))) from None
 
 
 def _unsupported(reason: str) -> str:
@@ -564,7 +564,7 @@ def _check_bounds(text: str) -> None:
                 raise _TooBig("it holds more than one YAML document (---); a recipe is one document", line)
         elif isinstance(event, yaml.AliasEvent):
             if any(anchor == event.anchor for anchor, _ in open_anchors):
-                raise _TooBig(f"alias *{_excerpt(event.anchor, 40)} refers to a node that holds it", line)
+                raise _TooBig(f"alias *{excerpt(event.anchor, 40)} refers to a node that holds it", line)
             total += sizes.get(event.anchor, 1)
         elif isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
             total += 1
@@ -613,12 +613,12 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         where = f", line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(
-            f"Recipe {source}{where} is not valid YAML: {_excerpt(' '.join(problem.split()))}. Fix the "
+            f"Recipe {source}{where} is not valid YAML: {excerpt(' '.join(problem.split()))}. Fix the "
             "syntax; `eca-surgery recipes` lists bundled recipes to start from."
         ) from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
         raise RecipeError(
-            f"Recipe {source} holds a value that cannot be read ({_excerpt(str(exc))}). "
+            f"Recipe {source} holds a value that cannot be read ({excerpt(str(exc))}). "
             "Fix the value; `eca-surgery recipes` lists bundled recipes to start from."
         ) from None
     if data is None:
@@ -671,18 +671,20 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(
-            f"Recipe {str(path)!r} cannot be read ({_excerpt(str(exc))}); give a readable UTF-8 YAML file."
+            f"Recipe {str(path)!r} cannot be read ({excerpt(str(exc))}); give a readable UTF-8 YAML file."
         ) from None
     return parse_recipe(text, source=str(path))
 
 
 def recipe_schema() -> dict[str, Any]:
     """The recipe format as a JSON Schema, for editors that complete and check YAML."""
-    indices = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+    index = {"type": "integer", "minimum": -MAX_INDEX, "maximum": MAX_INDEX}
+    indices = {"type": "array", "items": index, "minItems": 1, "maxItems": MAX_ITEMS}
+    pattern = {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN}
     strings = {
         "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            pattern,
+            {"type": "array", "items": pattern, "minItems": 1, "maxItems": MAX_ITEMS},
         ]
     }
     selector = {
@@ -698,11 +700,11 @@ def recipe_schema() -> dict[str, Any]:
             "regex": {**strings, "description": "Regular expressions that must match a whole module path."},
             "class": {**strings, "description": "Module class, short (SEModule) or qualified name."},
             "stages": {
-                "oneOf": [{"const": "all"}, {"type": "integer"}, indices],
+                "oneOf": [{"const": "all"}, index, indices],
                 "description": "Stages by index into the model's feature_info; negative counts from the end.",
             },
             "blocks": {
-                "oneOf": [{"enum": ["all", "last"]}, {"type": "integer"}, indices],
+                "oneOf": [{"enum": ["all", "last"]}, index, indices],
                 "description": "Blocks within the selected stages.",
             },
             "placement": {"enum": list(PLACEMENTS), "description": "The article's three placements."},
@@ -712,10 +714,13 @@ def recipe_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "gamma": {"type": "number", "default": 2, "not": {"const": 0}},
-            "b": {"type": "number", "default": 1},
+            "gamma": {"type": "number", "minimum": GAMMA_RANGE[0], "maximum": GAMMA_RANGE[1], "default": 2},
+            "b": {"type": "number", "minimum": B_RANGE[0], "maximum": B_RANGE[1], "default": 1},
             "kernel_size": {
-                "oneOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "not": {"multipleOf": 2}}],
+                "oneOf": [
+                    {"type": "null"},
+                    {"type": "integer", "minimum": 1, "maximum": MAX_KERNEL, "not": {"multipleOf": 2}},
+                ],
                 "default": None,
                 "description": "A fixed odd kernel size instead of the adaptive rule.",
             },
@@ -746,8 +751,8 @@ def recipe_schema() -> dict[str, Any]:
         "required": ["version", "rules"],
         "properties": {
             "version": {"const": RECIPE_VERSION},
-            "name": {"type": "string"},
-            "description": {"type": "string"},
-            "rules": {"type": "array", "items": rule, "minItems": 1},
+            "name": {"type": ["string", "null"], "maxLength": MAX_NAME},
+            "description": {"type": ["string", "null"], "maxLength": MAX_DESCRIPTION},
+            "rules": {"type": "array", "items": rule, "minItems": 1, "maxItems": MAX_RULES},
         },
     }
