@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from randomised import assert_same_tensors, randomise_
 from safetensors.torch import load_file
 from timm.layers import EcaModule
 
@@ -31,9 +32,11 @@ def n_params(model):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_eca_in_blocks_is_timms_eca_resnet(name, tmp_path):
     result = convert(name, load_recipe("eca-in-blocks"))
+    randomise_(result.model)  # timm's init leaves BatchNorm statistics at 0 and 1: nothing to tell apart
     timm_eca = timm.create_model(name, block_args=dict(attn_layer="eca")).eval()
     assert result.plan.params_after == n_params(timm_eca) == n_params(result.model)
     out = eca_surgery.save_patched(result.model, tmp_path / "m.safetensors", result.plan)
+    assert_same_tensors(result.model.state_dict(), load_file(out))
     timm_eca.load_state_dict(load_file(out), strict=True)
     loaded = eca_surgery.load_patched(out)
     x = torch.randn(2, 3, 160, 160)
