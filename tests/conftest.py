@@ -31,3 +31,23 @@ def article_eca():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the tests in reversed order (after any reordering, e.g. pytest-randomly's), "
+        "to show that no test depends on another having run first",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With --reverse, reverse the final order of the collected tests."""
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return "Test order: reversed (--reverse)" if config.getoption("--reverse") else None
