@@ -23,18 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def seresnet50_json(tmp_path_factory):
-    out = tmp_path_factory.mktemp("convert") / "out.safetensors"
+    """seresnet50 converted from a checkpoint whose parameters and buffers are all random (timm's
+    own init zeroes the last norm of each block, which would hide a misplaced or wrong ECA)."""
+    folder = tmp_path_factory.mktemp("convert")
+    source, out = folder / "src.safetensors", folder / "out.safetensors"
+    save_file(randomise_(timm.create_model("seresnet50")).state_dict(), source)
+    recipe = str(REPO / "recipes" / "se-to-eca.yaml")
     result = runner.invoke(
-        app,
-        [
-            "convert",
-            "seresnet50",
-            "--recipe",
-            str(REPO / "recipes" / "se-to-eca.yaml"),
-            "--output",
-            str(out),
-            "--json",
-        ],
+        app, ["convert", "seresnet50", "-r", recipe, "-c", str(source), "--output", str(out), "--json"]
     )
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
