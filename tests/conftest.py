@@ -49,5 +49,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.reverse()
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    return "Test order: reversed (--reverse)" if config.getoption("--reverse") else None
+def _order(config: pytest.Config) -> list[str]:
+    """How this run orders the tests: pytest-randomly's seed, and whether --reverse is on."""
+    lines = []
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize", False):
+        lines.append(f"Using --randomly-seed={config.getoption('randomly_seed')}")
+    if config.getoption("--reverse"):
+        lines.append("Test order: reversed (--reverse)")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under -q pytest prints no header: print the order (the seed to replay it) anyway."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() < 0:
+        for line in _order(config):
+            reporter.write_line(line)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [line for line in _order(config) if not line.startswith("Using --randomly-seed")]
