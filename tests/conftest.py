@@ -31,3 +31,43 @@ def article_eca():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the tests in reversed order (after any reordering, e.g. pytest-randomly's), "
+        "to show that no test depends on another having run first",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With --reverse, reverse the final order of the collected tests."""
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+def _order(config: pytest.Config) -> list[str]:
+    """How this run orders the tests: pytest-randomly's seed, and whether --reverse is on."""
+    lines = []
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize", False):
+        lines.append(f"Using --randomly-seed={config.getoption('randomly_seed')}")
+    if config.getoption("--reverse"):
+        lines.append("Test order: reversed (--reverse)")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under -q pytest prints no header: print the order (the seed to replay it) anyway."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() < 0:
+        for line in _order(config):
+            reporter.write_line(line)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [line for line in _order(config) if not line.startswith("Using --randomly-seed")]

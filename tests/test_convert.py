@@ -1,10 +1,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from randomised import assert_same_tensors, has_buffers, randomise_
 from safetensors.torch import load_file, save_file
 from timm.layers import EcaModule
 from typer.testing import CliRunner
@@ -16,13 +18,19 @@ from eca_surgery.recipe import load_recipe
 from eca_surgery.surgery import convert
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def seresnet50_json(tmp_path_factory):
-    out = tmp_path_factory.mktemp("convert") / "out.safetensors"
+    """seresnet50 converted from a checkpoint whose parameters and buffers are all random (timm's
+    own init zeroes the last norm of each block, which would hide a misplaced or wrong ECA)."""
+    folder = tmp_path_factory.mktemp("convert")
+    source, out = folder / "src.safetensors", folder / "out.safetensors"
+    save_file(randomise_(timm.create_model("seresnet50")).state_dict(), source)
+    recipe = str(REPO / "recipes" / "se-to-eca.yaml")
     result = runner.invoke(
-        app, ["convert", "seresnet50", "--recipe", "recipes/se-to-eca.yaml", "--output", str(out), "--json"]
+        app, ["convert", "seresnet50", "-r", recipe, "-c", str(source), "--output", str(out), "--json"]
     )
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
@@ -73,25 +81,27 @@ def test_kernel_sizes_and_block_outputs_follow_the_article(seresnet50_json, arti
 
 
 def test_load_patched_is_bitwise_and_matches_in_memory(tmp_path):
-    recipe = load_recipe("se-to-eca")
-    result = convert("seresnet18", recipe)
+    source = tmp_path / "src.safetensors"
+    save_file(randomise_(timm.create_model("seresnet18")).state_dict(), source)
+    result = convert("seresnet18", load_recipe("se-to-eca"), checkpoint=source)
+    memory = result.model.eval().state_dict()
+    assert has_buffers(memory)
     out = tmp_path / "m.safetensors"
     eca_surgery.save_patched(result.model, out, result.plan)
     saved = load_file(out)
+    assert saved.keys() == memory.keys()
+    assert_same_tensors(memory, saved)  # parameters and buffers, as they were in memory
     loaded = eca_surgery.load_patched(out)
     state = loaded.state_dict()
     assert state.keys() == saved.keys()
-    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert_same_tensors(saved, state)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.equal(loaded(x), result.model.eval()(x))
+        assert torch.equal(loaded(x), result.model(x))
 
 
 def test_checkpoint_weights_are_kept_bit_identical(tmp_path):
-    source = timm.create_model("seresnet18")
-    with torch.no_grad():  # weights that no initialisation could produce
-        for p in source.parameters():
-            p.copy_(torch.randn_like(p))
+    source = randomise_(timm.create_model("seresnet18"))  # parameters and buffers no init could produce
     ckpt = tmp_path / "src.safetensors"
     save_file(source.state_dict(), ckpt)
     out = tmp_path / "out.safetensors"
@@ -100,12 +110,13 @@ def test_checkpoint_weights_are_kept_bit_identical(tmp_path):
     )
     assert result.exit_code == 0, result.output
     original, converted = load_file(ckpt), load_file(out)
+    assert has_buffers(original)
     se_keys = {k for k in original if ".se." in k}
     assert se_keys and all(".fc1." in k or ".fc2." in k for k in se_keys)
-    for key in original.keys() - se_keys:
-        assert torch.equal(original[key], converted[key]), key
+    assert_same_tensors({k: v for k, v in original.items() if k not in se_keys}, converted)
     new_keys = converted.keys() - original.keys()
     assert new_keys == {k.rsplit(".se.", 1)[0] + ".se.conv.weight" for k in se_keys}
+    assert converted.keys() == (original.keys() - se_keys) | new_keys
     assert json.loads(result.stdout)["source_weights"] == str(ckpt)
 
 

@@ -8,6 +8,7 @@ import timm
 import torch
 from cli_helpers import run_fail, run_ok
 from PIL import Image
+from randomised import assert_same_tensors, has_buffers, randomise_
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,7 +26,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("heal")
     torch.manual_seed(0)
     teacher = root / "teacher.safetensors"
-    save_file(timm.create_model("seresnet18", **SMALL).state_dict(), teacher)
+    save_file(randomise_(timm.create_model("seresnet18", **SMALL)).state_dict(), teacher)
     gen = torch.Generator().manual_seed(0)
     for i in range(12):
         folder = root / "images" / f"c{i % 3}"
@@ -50,7 +51,7 @@ def heal_args(patched, root, out, *extra):
 
 
 def test_heal_trains_only_the_eca_kernels_and_records_how(setup, tmp_path):
-    root, patched, _ = setup
+    root, patched, teacher = setup
     out = tmp_path / "healed.safetensors"
     # no --teacher-checkpoint: the teacher's weights are the file PATCHED was converted from
     report = json.loads(run_ok(heal_args(patched, root, out, "--steps", "3", "--train", "eca", "--json")))
@@ -59,6 +60,10 @@ def test_heal_trains_only_the_eca_kernels_and_records_how(setup, tmp_path):
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(".se.conv.weight") for k in changed)
+    # every other tensor, BatchNorm statistics included, is still the teacher's, bit for bit
+    source = load_file(teacher)
+    assert has_buffers(source)
+    assert_same_tensors({k: v for k, v in source.items() if ".se." not in k}, after)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     heal = json.loads(meta["heal"])

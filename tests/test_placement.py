@@ -1,8 +1,11 @@
 """ECA placed where the article says: in blocks, after stages, at the backbone end, on feature branches."""
 
+import copy
+
 import pytest
 import timm
 import torch
+from randomised import assert_same_tensors, randomise_
 from safetensors.torch import load_file
 from timm.layers import EcaModule
 
@@ -31,9 +34,11 @@ def n_params(model):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_eca_in_blocks_is_timms_eca_resnet(name, tmp_path):
     result = convert(name, load_recipe("eca-in-blocks"))
+    randomise_(result.model)  # timm's init leaves BatchNorm statistics at 0 and 1: nothing to tell apart
     timm_eca = timm.create_model(name, block_args=dict(attn_layer="eca")).eval()
     assert result.plan.params_after == n_params(timm_eca) == n_params(result.model)
     out = eca_surgery.save_patched(result.model, tmp_path / "m.safetensors", result.plan)
+    assert_same_tensors(result.model.state_dict(), load_file(out))
     timm_eca.load_state_dict(load_file(out), strict=True)
     loaded = eca_surgery.load_patched(out)
     x = torch.randn(2, 3, 160, 160)
@@ -136,6 +141,64 @@ def test_every_inserted_eca_runs(recipe, name, kwargs, tmp_path):
         a, b = result.model(x), loaded(x)
     for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)  # same weights; kernels may pick other paths
+
+
+# (model, selected module, where, the module that must receive the ECA's output)
+POSITION_CASES = [
+    ("resnet18", "layer2", "after", "layer3"),  # a Sequential child: the ECA ends it
+    ("resnet18", "layer2", "before", "layer2.0"),  # ... or starts it
+    ("resnet18", "layer2.0", "after", "layer2.1"),  # a block: run from hooks
+    ("resnet18", "layer2.0", "before", "layer2.0.conv1"),
+    ("densenet121", "features.denseblock2", "after", "features.transition2"),  # beside it in a Sequential
+    ("densenet121", "features.denseblock2", "before", "features.denseblock2"),
+    ("regnetx_002", "s2", "after", "s3"),  # beside it, in a module that is not a Sequential
+    ("regnetx_002", "s2", "before", "s2.b1"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,select,where,consumer", POSITION_CASES, ids=[f"{n}-{s}-{w}" for n, s, w, _ in POSITION_CASES]
+)
+def test_inserted_eca_sits_where_the_recipe_says(name, select, where, consumer):
+    """``where: after``: the ECA's input is what the selected module output (in the unpatched
+    model) and its output is what comes next; ``where: before``: its input is the selected
+    module's input and its output feeds the module's work. Weights and buffers are random, so
+    no tensor is trivially equal to another."""
+    original = randomise_(timm.create_model(name)).eval()
+    model = copy.deepcopy(original)
+    plan = make_plan(model, parse_recipe(insert(f"{{path: {select}}}", where)), name)
+    (edit,) = plan.edits
+    assert edit.position == where
+    apply_plan(model, plan)
+    seen = {}
+
+    def record(into: str, out: str | None = None):
+        """A hook that keeps a copy of the input (and output) and changes nothing."""
+
+        def hook(module, args, *output):
+            seen[into] = args[0].detach().clone()
+            if out:
+                seen[out] = output[0].detach().clone()
+
+        return hook
+
+    hooks = [
+        original.get_submodule(select).register_forward_hook(record("selected_in", "selected_out")),
+        model.get_submodule(edit.eca_path).register_forward_hook(record("eca_in", "eca_out")),
+        model.get_submodule(consumer).register_forward_pre_hook(record("next_in")),
+    ]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        original(x)
+        model(x)
+    for h in hooks:
+        h.remove()
+    expected = seen["selected_out" if where == "after" else "selected_in"]
+    other = seen["selected_in" if where == "after" else "selected_out"]
+    assert expected.shape != other.shape or not torch.equal(expected, other)
+    assert seen["eca_in"].shape == expected.shape and torch.equal(seen["eca_in"], expected)
+    assert not torch.allclose(seen["eca_out"], seen["eca_in"])  # the ECA changes what it is given
+    assert torch.equal(seen["next_in"], seen["eca_out"])
 
 
 def test_original_keys_and_tensors_untouched_by_inserts():

@@ -4,7 +4,6 @@ are listed, valid, described by the JSON Schema, shipped in the wheel, and round
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -402,7 +401,9 @@ def _build_wheel(tmp_path: Path) -> Path:
     Without build isolation where this environment has setuptools (no network needed),
     else with it, which fetches setuptools; skipped where that needs a network there is not.
     """
-    if importlib.util.find_spec("pip") is None:
+    # asked in a subprocess: find_spec("pip") here would switch off setuptools' distutils shim
+    # for the rest of the session (and break torch.compile in a later test)
+    if subprocess.run([sys.executable, "-c", "import pip"], capture_output=True).returncode != 0:
         pytest.skip("pip is needed to build the wheel")
     src = tmp_path / "src"
     shutil.copytree(

@@ -9,17 +9,15 @@ import pytest
 import timm
 import torch
 from cli_helpers import run_fail, run_ok
+from randomised import assert_same_tensors, has_buffers, randomise_
 from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """seresnet18 weights no initialisation could produce, and the SE-free keys."""
-    model = timm.create_model("seresnet18")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    """seresnet18 parameters and buffers (BatchNorm statistics too) no initialisation could produce."""
+    state = {k: v.clone() for k, v in randomise_(timm.create_model("seresnet18")).state_dict().items()}
+    assert has_buffers(state)
     return state
 
 
@@ -28,9 +26,13 @@ def convert_json(args):
 
 
 def assert_kept(state, out):
+    """Every tensor of ``state`` outside the SE blocks, parameter or buffer, is in ``out`` bit for
+    bit, and ``out`` holds nothing else but the new ECA kernels."""
     converted = load_file(out)
-    kept = [k for k in state if ".se." not in k]
-    assert kept and all(torch.equal(state[k], converted[k]) for k in kept)
+    kept = {k: v for k, v in state.items() if ".se." not in k}
+    assert kept and any(k.endswith("running_var") for k in kept)
+    assert_same_tensors(kept, converted)
+    assert all(k.endswith(".se.conv.weight") for k in converted.keys() - kept.keys())
 
 
 @pytest.mark.parametrize(
@@ -105,9 +107,8 @@ def test_non_strict_loads_what_fits_and_reports_the_rest(source, tmp_path):
     assert "2 missing: fc.weight, fc.bias" in msg and "1 unexpected: extra.weight" in msg
     report = convert_json(["-c", str(ckpt), "-o", str(out), "--non-strict"])
     assert report["non_strict"] == {"missing": ["fc.weight", "fc.bias"], "ignored": ["extra.weight"]}
-    converted = load_file(out)
-    assert all(
-        torch.equal(partial[k], converted[k]) for k in partial if ".se." not in k and k != "extra.weight"
+    assert_same_tensors(
+        {k: v for k, v in partial.items() if ".se." not in k and k != "extra.weight"}, load_file(out)
     )
 
 
@@ -124,7 +125,7 @@ def fake_hf_cache(root, repo, state):
 def test_pretrained_from_the_hugging_face_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    state = timm.create_model("seresnet50").state_dict()
+    state = randomise_(timm.create_model("seresnet50")).state_dict()
     hub_id = timm.create_model("seresnet50", pretrained=False).pretrained_cfg["hf_hub_id"]
     fake_hf_cache(tmp_path / "hub", hub_id, state)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 from cli_helpers import run_fail, run_ok
+from randomised import assert_same_tensors, has_buffers, randomise_
+from safetensors.torch import load_file, save_file
 
 import eca_surgery
 from eca_surgery.flops import count_macs
@@ -64,14 +66,22 @@ def test_scan_reports_models_without_se_and_bad_patterns(tmp_path):
 
 
 def test_timm_dir_export_loads_in_plain_timm(tmp_path):
-    out, tdir = tmp_path / "m.safetensors", tmp_path / "seresnet50-eca"
+    source = randomise_(timm.create_model("seresnet18")).state_dict()
+    ckpt, out, tdir = tmp_path / "src.safetensors", tmp_path / "m.safetensors", tmp_path / "seresnet18-eca"
+    save_file(source, ckpt)
     report = json.loads(
         run_ok(
-            ["convert", "seresnet50", "-r", "se-to-eca", "-o", str(out), "--timm-dir", str(tdir), "--json"]
+            ["convert", "seresnet18", "-r", "se-to-eca", "-c", str(ckpt), "-o", str(out)]
+            + ["--timm-dir", str(tdir), "--json"]
         )
     )
-    assert report["timm_native"] == {"model": "seresnet50", "kwargs": {"block_args": {"attn_layer": "eca"}}}
+    assert report["timm_native"] == {"model": "seresnet18", "kwargs": {"block_args": {"attn_layer": "eca"}}}
     assert sorted(p.name for p in tdir.iterdir()) == ["config.json", "model.safetensors"]
+    # the export holds exactly the -o file's tensors, and every source tensor outside the SE blocks
+    exported, converted = load_file(tdir / "model.safetensors"), load_file(out)
+    assert has_buffers(exported) and exported.keys() == converted.keys()
+    assert_same_tensors(converted, exported)
+    assert_same_tensors({k: v for k, v in source.items() if ".se." not in k}, exported)
     x = torch.randn(2, 3, 224, 224)
     torch.save(x, tmp_path / "x.pt")
     script = textwrap.dedent(
@@ -98,6 +108,7 @@ def test_timm_dir_refused_where_timm_cannot_build_the_variant(tmp_path):
 def test_native_variants_match_timm(name):
     result = convert(name, load_recipe("se-to-eca"))
     assert result.native is not None
+    randomise_(result.model)  # no zero-initialised norm may hide a difference
     native = timm.create_model(result.native["model"], **result.native["kwargs"]).eval()
     assert sum(p.numel() for p in native.parameters()) == result.plan.params_after
     native.load_state_dict(result.model.state_dict(), strict=True)
