@@ -71,7 +71,8 @@ def test_timm_dir_export_loads_in_plain_timm(tmp_path):
         )
     )
     assert report["timm_native"] == {"model": "seresnet50", "kwargs": {"block_args": {"attn_layer": "eca"}}}
-    assert sorted(p.name for p in tdir.iterdir()) == ["config.json", "model.safetensors"]
+    names = ["config.json", "model.safetensors", ".eca-surgery-export"]
+    assert sorted(p.name for p in tdir.iterdir()) == sorted(names)
     x = torch.randn(2, 3, 224, 224)
     torch.save(x, tmp_path / "x.pt")
     script = textwrap.dedent(
