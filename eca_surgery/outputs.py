@@ -90,15 +90,15 @@ def write_error(path: Path, exc: OSError) -> SurgeryError:
     )
 
 
-def check_folder(folder: Path, needed: int | None = None) -> None:
-    """Refuse a folder that cannot take a new file (read-only, immutable, a virtual
-    filesystem such as /proc or /sys...) or that has clearly too little free space for
-    ``needed`` bytes. Probes by creating and removing a temporary file there."""
-    probe = temp_path(folder / "probe")
+def check_folder(target: Path, needed: int | None = None) -> None:
+    """Refuse to write ``target`` if its folder cannot take a new file (read-only,
+    immutable, a virtual filesystem such as /proc or /sys...) or has clearly too little
+    free space for ``needed`` bytes. Probes by creating and removing a temporary there."""
+    folder, probe = target.parent, temp_path(target)
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-        os.unlink(probe)
+        with _signals_deferred():  # the probe is created and removed with no interrupt between
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
     except OSError as exc:
         raise SurgeryError(
             f"Cannot write in folder {str(folder)!r}: {exc.strerror or exc} (errno {exc.errno}). "
@@ -145,7 +145,7 @@ def check_file_output(path: str | Path, force: bool, size: int | None = None) ->
         raise SurgeryError(
             f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
         )
-    check_folder(path.parent, size)
+    check_folder(path, size)
     return path
 
 
@@ -212,7 +212,7 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
         _check_replaceable_dir(path, kind)
     if not path.parent.is_dir():
         raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
-    check_folder(path.parent, size)
+    check_folder(path, size)
     return path
 
 
@@ -408,14 +408,14 @@ def _swap_in(tmp: Path, path: Path, force: bool, kind: str) -> None:
     check_dir_output(path, force, kind)
     old_names = _check_replaceable_dir(path, kind)
     old = temp_path(path)
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    _fsync_dir(path.parent)
-    with _signals_deferred():
+    with _signals_deferred():  # no interrupt may leave the earlier export under a temporary name
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        _fsync_dir(path.parent)
         for name in old_names:
             (old / name).unlink(missing_ok=True)
         try:
