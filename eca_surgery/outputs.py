@@ -51,13 +51,18 @@ def current_umask() -> int:
 
 def temp_path(target: Path) -> Path:
     """A fresh temporary name beside ``target``, recognisable as this process's."""
-    return target.parent / f".{target.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{_stem(target.name)}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _stem(name: str) -> str:
+    """The part of an output's name its temporaries carry (short enough for a 255-byte name)."""
+    return name[:200]
 
 
 def _lstat(path: Path) -> os.stat_result | None:
     try:
         return os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise write_error(path, exc) from None
@@ -151,8 +156,11 @@ def check_file_output(path: str | Path, force: bool, size: int | None = None) ->
 
 def _protected(path: Path) -> str | None:
     """Why folder ``path`` may never be replaced, or None."""
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
+    try:
+        resolved = path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop, a removed working directory...
+        return "a path that cannot be resolved"
     if resolved == Path(resolved.anchor):
         return "the root folder"
     if resolved == cwd:
@@ -205,11 +213,11 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
             "untouched. Choose another path for the export."
         )
     if st is not None:
+        _check_replaceable_dir(path, kind)  # a folder that is not ours is refused whatever ``force`` says
         if not force:
             raise SurgeryError(
                 f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
             )
-        _check_replaceable_dir(path, kind)
     if not path.parent.is_dir():
         raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
     check_folder(path, size)
@@ -218,7 +226,13 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
 
 def _check_replaceable_dir(path: Path, kind: str) -> list[str]:
     """The names in ``path``, if it is empty or an earlier export of ``kind`` with only its own files."""
-    names = sorted(os.listdir(path))
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise SurgeryError(
+            f"Cannot read folder {str(path)!r} ({exc.strerror or exc}), so it cannot be checked and is "
+            "not replaced; it was left untouched. Choose a new folder for the export."
+        ) from None
     if not names:
         return names
     files = _export_files(path, kind)
@@ -264,7 +278,7 @@ def clean_leftovers(folder: str | Path, name: str) -> list[Path]:
         return removed
     for entry in sorted(entries):
         match = _TMP_NAME.fullmatch(entry)
-        if not match or match["name"] != name or _pid_alive(int(match["pid"])):
+        if not match or match["name"] != _stem(name) or _pid_alive(int(match["pid"])):
             continue
         path = folder / entry
         try:

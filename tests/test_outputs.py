@@ -503,3 +503,31 @@ def test_a_failed_overwrite_leaves_the_old_file_bit_identical(tmp_path, monkeypa
         save_patched(conversion.model, out, conversion.plan, force=True)
     assert out.read_bytes() == old and out.stat().st_mode == mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_users_folder_is_not_offered_to_force(tmp_path, no_real_work):
+    before = populate(tmp_path / "mine")
+    msg = run_fail([*CONVERT, "--timm-dir", str(tmp_path / "mine")], tmp_path)
+    assert "not an earlier export" in msg and "--force" not in msg
+    assert listing(tmp_path / "mine") == before
+
+
+def test_odd_paths_give_clean_errors(tmp_path, no_real_work):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "file").write_text("x")
+    for args, expected in [
+        (["--timm-dir", str(tmp_path / "loop1"), "--force"], "cannot be resolved"),
+        (["-o", str(tmp_path / "loop1"), "--force"], "symbolic link"),
+        (["-o", str(tmp_path / "file" / "x.safetensors")], "does not exist"),
+        (["--timm-dir", str(tmp_path / "file"), "--force"], "not a folder"),
+    ]:
+        assert expected in run_fail([*CONVERT, *args], tmp_path)
+
+
+def test_a_long_output_name_gets_a_temporary_that_fits(tmp_path):
+    from eca_surgery.outputs import atomic_write_file
+
+    out = tmp_path / ("a" * 250)
+    atomic_write_file(out, lambda tmp: tmp.write_text("ok"), False)
+    assert out.read_text() == "ok" and sorted(os.listdir(tmp_path)) == [out.name]
