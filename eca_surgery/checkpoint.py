@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,11 +118,20 @@ def save_patched(
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """safetensors' ``save_file``, with its I/O errors (ENOSPC, EIO, ...) raised as OSError."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    try:
+    with safetensors_io_errors():
         save_file(tensors, str(path), metadata=metadata)
+
+
+@contextmanager
+def safetensors_io_errors() -> Iterator[None]:
+    """Re-raise safetensors' I/O errors (a ``SafetensorError`` quoting the OS error code)
+    as OSError, so that the writers in ``outputs`` report them as clean errors."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
     except SafetensorError as exc:
         code = re.search(r"code: (\d+)", str(exc))
         if code is None:

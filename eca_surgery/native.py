@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import safetensors_io_errors
 from .errors import SurgeryError
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
@@ -149,6 +150,7 @@ def save_timm_dir(
     model_args = json.loads(json.dumps(native["kwargs"]))
 
     def write(tmp: Path) -> None:
-        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+        with safetensors_io_errors():
+            save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
 
     return atomic_write_dir(path, write, force, EXPORT_KIND, size)

@@ -531,3 +531,18 @@ def test_a_long_output_name_gets_a_temporary_that_fits(tmp_path):
     out = tmp_path / ("a" * 250)
     atomic_write_file(out, lambda tmp: tmp.write_text("ok"), False)
     assert out.read_text() == "ok" and sorted(os.listdir(tmp_path)) == [out.name]
+
+
+def test_a_full_disk_while_exporting_the_timm_dir_is_clean(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def failing(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    msg = run_fail([*CONVERT, "--timm-dir", str(tmp_path / "export")], tmp_path)
+    assert f"Could not write '{tmp_path / 'export'}': No space left on device" in msg
