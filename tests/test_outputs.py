@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import listing, run_fail, run_ok, runner, text_of
+from safetensors.torch import load_file
 
 import eca_surgery.surgery as surgery
 from eca_surgery.checkpoint import save_patched
@@ -383,7 +384,9 @@ def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
     assert "Traceback" not in stderr
     assert proc.returncode in (0, 143), stderr
     if proc.returncode == 143:
-        assert "Terminated (SIGTERM)" in stderr and not out.exists()
+        assert "Terminated (SIGTERM)" in stderr
+    if out.exists():  # finished, or the signal came just after the rename: whole either way
+        assert len(load_file(out)) > 100
     assert temporaries(tmp_path) == []
 
 
@@ -396,7 +399,9 @@ def test_sigterm_while_working_exits_cleanly(tmp_path):
     assert "Traceback" not in stderr
     assert proc.returncode in (0, 143), stderr
     if proc.returncode == 143:
-        assert "Terminated (SIGTERM)" in stderr and not out.exists()
+        assert "Terminated (SIGTERM)" in stderr
+    if out.exists():  # finished, or the signal came just after the rename: whole either way
+        assert len(load_file(out)) > 100
     assert temporaries(tmp_path) == []
 
 
