@@ -399,13 +399,54 @@ def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
     _assert_clean_end(proc, stderr, out)
 
 
-def test_sigterm_while_working_exits_cleanly(tmp_path):
+STALL = """
+import sys, time
+import safetensors.torch
+import eca_surgery.surgery
+from eca_surgery.cli import main
+
+def stall(module, name, word):
+    real = getattr(module, name)
+
+    def stalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        sys.stderr.write(word + "\\n")
+        sys.stderr.flush()
+        time.sleep(60)
+        return result
+
+    setattr(module, name, stalled)
+
+if sys.argv[1] == "writing":  # the temporary is written in full, not yet renamed
+    stall(safetensors.torch, "save_file", "STALLED")
+else:  # the model is converted, not yet checked
+    stall(eca_surgery.surgery, "forward_check", "STALLED")
+sys.argv[1:2] = []
+main()
+"""
+
+
+@pytest.mark.parametrize("phase", ["working", "writing"])
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [(signal.SIGTERM, 143, "Terminated"), (signal.SIGINT, 130, "Interrupted")]
+)
+def test_a_signal_at_a_known_point_exits_cleanly(tmp_path, phase, sig, code, said):
     out = tmp_path / "out.safetensors"
-    proc = _spawn(["convert", "seresnet50", "-r", "se-to-eca", "-o", str(out)], tmp_path)
-    time.sleep(4)  # imports done, conversion under way (a slow machine may still be importing)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    _assert_clean_end(proc, stderr, out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    args = [sys.executable, "-c", STALL, phase, *CONVERT, "-o", str(out)]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    seen = []
+    while (line := proc.stderr.readline()) and "STALLED" not in line:
+        seen.append(line)
+    assert "STALLED" in line, "".join(seen)
+    if phase == "writing":
+        assert [p.stat().st_size > 1000 for p in _temporary_files(tmp_path)] == [True]
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code and said in stderr and "Traceback" not in stderr, stderr
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
