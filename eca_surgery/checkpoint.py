@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SurgeryError
+from .errors import CheckpointError
 from .models import (
     check_fits,
     create_model,
@@ -26,6 +28,7 @@ from .models import (
     loadable,
     shapes_of,
 )
+from .outputs import atomic_write_file, check_file_output, current_umask  # noqa: F401
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
 from .weights import read_safetensors
@@ -77,23 +80,15 @@ def make_metadata(
     }
 
 
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse an output path that exists (without ``force``) or whose folder does not."""
-    path = Path(path)
-    if path.is_dir():
-        raise SurgeryError(
-            f"Output {str(path)!r} is a directory; give a file name such as model.safetensors."
-        )
-    if path.exists() and not force:
-        raise SurgeryError(
-            f"Output {str(path)!r} already exists and was left untouched. "
-            "Pass --force to overwrite it, or choose another --output."
-        )
-    if not path.parent.is_dir():
-        raise SurgeryError(
-            f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
-        )
-    return path
+def check_output(path: str | Path, force: bool, size: int | None = None) -> Path:
+    """Refuse an output path that exists (without ``force``), that is not a regular file,
+    or whose folder does not exist, is not writable or (``size`` bytes) has not the space."""
+    return check_file_output(path, force, size)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The bytes the tensors take in a safetensors file (without its small header)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def save_patched(
@@ -110,30 +105,38 @@ def save_patched(
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
 
-    The file is written to a temporary name beside ``path`` and renamed into place, so
-    an interrupted write never leaves a partial checkpoint and never damages the old one.
+    The file is written to a temporary name beside ``path``, fsynced and renamed into
+    place (see ``eca_surgery.outputs``), so an interrupted or failed write never leaves a
+    partial checkpoint and never damages the old one; a replaced file keeps its mode.
     """
-    from safetensors.torch import save_file
-
-    path = check_output(path, force)
     tensors = _unshared(model.state_dict())
     metadata = make_metadata(plan, model_kwargs or {}, source, native, init, heal)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    return atomic_write_file(
+        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
+    )
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, with its I/O errors (ENOSPC, EIO, ...) raised as OSError."""
+    from safetensors.torch import save_file
+
+    with safetensors_io_errors():
+        save_file(tensors, str(path), metadata=metadata)
+
+
+@contextmanager
+def safetensors_io_errors() -> Iterator[None]:
+    """Re-raise safetensors' I/O errors (a ``SafetensorError`` quoting the OS error code)
+    as OSError, so that the writers in ``outputs`` report them as clean errors."""
+    from safetensors import SafetensorError
+
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+        yield
+    except SafetensorError as exc:
+        code = re.search(r"code: (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from exc
 
 
 def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,9 @@ recipe commands start instantly.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -107,9 +109,34 @@ def _user_errors():
     except SurgeryError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("Interrupted; outputs are written atomically, so nothing was left half-written.")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        what, code = ("Terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("Interrupted", 130)
+        err.print(f"{what}; outputs are written atomically, so nothing was left half-written.")
+        raise typer.Exit(code) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every
+    exit path that cleans up after Ctrl-C (temporaries, heal's stop) runs for it too."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _clean_leftovers(*paths: Path) -> None:
+    """Remove temporaries of ``paths`` left by killed runs, and say so."""
+    from .outputs import clean_leftovers
+
+    for path in paths:
+        for leftover in clean_leftovers(path.parent, path.name):
+            err.print(f"Removed {escape(str(leftover))}, left by an interrupted run.", highlight=False)
+
+
+def _clean_heal_leftovers(output: Path) -> None:
+    from .heal import state_path
+
+    _clean_leftovers(output, state_path(output))
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -243,15 +270,23 @@ def convert(
         parsed = load_recipe(recipe)
         kwargs = _model_kwargs(features_only, out_indices, model_arg)
         from .checkpoint import check_output, save_patched
+        from .native import NOT_NATIVE, check_timm_dir
         from .report import plan_to_dict, render_init, render_plan, render_totals
         from .surgery import convert as convert_model
 
         if output is not None and not dry_run:
             check_output(output, force)
+            _clean_leftovers(output)
         if timm_dir is not None and not dry_run:
-            from .native import check_timm_dir
-
             check_timm_dir(timm_dir, force)
+            _clean_leftovers(timm_dir)
+
+        def check_space(plan) -> None:  # a lower bound: 2 bytes a parameter
+            if output is not None and not dry_run:
+                check_output(output, force, size=2 * plan.params_after)
+            if timm_dir is not None and not dry_run:
+                check_timm_dir(timm_dir, force, size=2 * plan.params_after)
+
         result = convert_model(
             model,
             parsed,
@@ -263,14 +298,12 @@ def convert(
             init=init,
             calib_data=calib_data,
             calib_size=calib_size,
+            require_native=timm_dir is not None,
+            on_plan=check_space,
             **kwargs,
         )
         if timm_dir is not None and result.native is None:
-            raise SurgeryError(
-                f"timm cannot build this ECA variant of {model} itself, so --timm-dir has nothing to write "
-                "(timm builds ECA with sigmoid gates for ResNet/ResNeXt, EfficientNet, ByobNet, NFNet, VoVNet "
-                "and MaxViT/CoAtNet). Use the --output checkpoint with eca_surgery.load_patched instead."
-            )
+            raise SurgeryError(NOT_NATIVE.format(model=model))
         if checkpoint is None and not pretrained and not dry_run:
             err.print(
                 "Note: no --checkpoint or --pretrained; the source weights are timm's random initialisation."
@@ -482,6 +515,7 @@ def heal(
         from .heal import heal as heal_model
 
         settings = HealSettings(steps, lr, train, batch_size, temperature, feature_weight, 0.0, seed)
+        _clean_heal_leftovers(output)
         columns = (
             TextColumn("healing"),
             BarColumn(),
@@ -586,4 +620,7 @@ def recipe_schema() -> None:
 
 
 def main() -> None:
+    """The console entry point: SIGTERM is handled like Ctrl-C (exit code 143)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     app()

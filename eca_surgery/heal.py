@@ -34,6 +34,7 @@ from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import SurgeryError
 from .models import build_with_weights
+from .outputs import staged_file
 from .weights import read_state_dict
 
 TRAIN = ("eca", "norm", "all")
@@ -275,8 +276,7 @@ def heal(
     output = Path(output)
     rank, world = _distributed()
     files = image_files(data)
-    if not resume:
-        check_output(output, force)
+    _check_outputs(output, patched_path, resume, force)
     origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
     if teacher is not None:
         origin["teacher"] = teacher
@@ -431,7 +431,8 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.optim.Optimizer) -> None:
-    """Write the healed checkpoint, then its optimizer state (both atomically)."""
+    """Write the healed checkpoint, then its optimizer state (both atomically: if either
+    fails, no temporary is left and the state stays that of the checkpoint on disk)."""
     history = history | {
         "step": result.step,
         "loss_last": result.losses[-1] if result.losses else None,
@@ -439,18 +440,27 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
     }
     p = result.patched
     init = json.loads(p.metadata.get("init", '{"method": "default"}'))
-    state = state_path(output)
-    tmp = state.with_name(f".{state.name}.tmp")
-    torch.save({"step": result.step, "optimizer": opt.state_dict()}, tmp)
-    save_patched(
-        p.model,
-        output,
-        p.plan,
-        model_kwargs=p.model_kwargs,
-        source=p.metadata.get("source_weights", ""),
-        native=json.loads(p.metadata.get("timm_native", "null")),
-        init=init,
-        heal=history,
-        force=True,
-    )
-    os.replace(tmp, state)
+    with staged_file(state_path(output), force=True) as tmp:  # renamed into place after the checkpoint
+        with open(tmp, "wb") as f:  # a file object, so that a failed write raises OSError
+            torch.save({"step": result.step, "optimizer": opt.state_dict()}, f)
+        save_patched(
+            p.model,
+            output,
+            p.plan,
+            model_kwargs=p.model_kwargs,
+            source=p.metadata.get("source_weights", ""),
+            native=json.loads(p.metadata.get("timm_native", "null")),
+            init=init,
+            heal=history,
+            force=True,
+        )
+
+
+def _check_outputs(output: Path, patched_path: str | Path, resume: bool, force: bool) -> None:
+    """Refuse, before any work, outputs heal may not write: the healed checkpoint (which
+    ``resume`` replaces) and its optimizer state, in a writable folder with room for a
+    checkpoint as large as the patched one."""
+    patched = Path(patched_path)
+    size = patched.stat().st_size if patched.is_file() else None
+    check_output(output, force or resume, size)
+    check_output(state_path(output), True)

@@ -11,18 +11,74 @@ shapes, and every ECA uses the sigmoid gate of timm's ``EcaModule``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import current_umask
+from .checkpoint import safetensors_io_errors
 from .errors import SurgeryError
+from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
+
+EXPORT_KIND = "timm-dir"
+NOT_NATIVE = (
+    "timm cannot build this ECA variant of {model} itself, so there is no timm-native folder to write "
+    "(timm builds ECA with sigmoid gates for ResNet/ResNeXt, EfficientNet, ByobNet, NFNet, VoVNet "
+    "and MaxViT/CoAtNet). Use the eca-surgery checkpoint with eca_surgery.load_patched instead."
+)
+
+
+def timm_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+    """The kernel size timm's ``EcaModule(channels)`` uses: the adaptive rule with its floor of 3."""
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def native_obstacle(plan: Plan) -> str | None:
+    """Why timm could not build the patched model of ``plan`` whatever the family, or None.
+
+    timm's own ECA (``EcaModule(channels)``, as its models create it) always has the
+    adaptive kernel size (gamma=2, b=1, at least 3) and a sigmoid gate; the first edit
+    with another kernel size or gate is named. Needs only the plan (no weights).
+    """
+    if not plan.edits:
+        return f"The recipe changes nothing in {plan.model}, so there is no timm-native folder to write."
+    for e in plan.edits:
+        if e.gate != "sigmoid":
+            return (
+                f"timm builds ECA only with the sigmoid gate, but the ECA at {e.eca_path!r} has a "
+                f"{e.gate} gate, so timm cannot build this variant of {plan.model} and there is no "
+                "timm-native folder to write. Use a sigmoid gate, or load the eca-surgery checkpoint "
+                "with eca_surgery.load_patched instead."
+            )
+        k = timm_kernel_size(e.channels)
+        if e.kernel_size != k:
+            return (
+                f"timm builds ECA with the adaptive kernel size (gamma=2, b=1, at least 3), but the ECA at "
+                f"{e.eca_path!r} ({e.channels} channels) has kernel size {e.kernel_size} where timm would "
+                f"use {k}, so timm cannot build this variant of {plan.model} and there is no timm-native "
+                "folder to write. Use the recipe's default kernel sizes, or load the eca-surgery "
+                "checkpoint with eca_surgery.load_patched instead."
+            )
+    return None
+
+
+def check_native(model_name: str, model_kwargs: dict[str, Any], meta_model: nn.Module, plan: Plan) -> dict:
+    """The timm-native variant of ``plan`` on ``meta_model`` (a meta-device build it
+    patches: pass a copy you no longer need); a SurgeryError with the reason if timm
+    cannot build it. Loads no weights."""
+    from .apply import apply_plan
+
+    reason = native_obstacle(plan)
+    if reason is not None:
+        raise SurgeryError(reason)
+    native = find_native(model_name, model_kwargs, apply_plan(meta_model, plan), plan)
+    if native is None:
+        raise SurgeryError(NOT_NATIVE.format(model=model_name))
+    return native
 
 
 def _candidates(model: nn.Module, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -71,16 +127,10 @@ def build_native(native: dict) -> nn.Module:
         return timm.create_model(native["model"], pretrained=False, **native["kwargs"])
 
 
-def check_timm_dir(path: str | Path, force: bool) -> Path:
-    """Refuse a --timm-dir that exists (without ``force``) or whose parent folder does not."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise SurgeryError(
-            f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
-        )
-    if not path.parent.is_dir():
-        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
-    return path
+def check_timm_dir(path: str | Path, force: bool, size: int | None = None) -> Path:
+    """Refuse a timm folder path that may not be written (see ``outputs.check_dir_output``):
+    an existing one without ``force``, or one that is not an earlier export of this tool."""
+    return check_dir_output(path, force, EXPORT_KIND, size)
 
 
 def save_timm_dir(
@@ -89,26 +139,18 @@ def save_timm_dir(
     """Write ``path`` as a timm / Hugging Face model folder (config.json + model.safetensors)
     that ``timm.create_model('local-dir:PATH', pretrained=True)`` loads with plain timm.
 
-    The folder is written beside ``path`` under a temporary name and renamed into place.
+    The folder is written beside ``path`` under a temporary name, marked as this tool's
+    export and renamed into place; only an earlier export (or an empty folder) is replaced.
     """
     from timm.models import save_for_hf
 
-    path = check_timm_dir(path, force)
     model = build_native(native)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_for_hf(
-            model, str(tmp), model_args=json.loads(json.dumps(native["kwargs"])), safe_serialization=True
-        )
-        umask = current_umask()
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the modes mkdir and open would
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    model_args = json.loads(json.dumps(native["kwargs"]))
+
+    def write(tmp: Path) -> None:
+        with safetensors_io_errors():
+            save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+
+    return atomic_write_dir(path, write, force, EXPORT_KIND, size)

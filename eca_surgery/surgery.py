@@ -5,6 +5,7 @@ This is the Python API behind the CLI; it knows nothing of typer or rich.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .errors import SurgeryError
 from .flops import count_macs
 from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import build_with_weights, check_fits, create_model, input_size, shapes_of
-from .native import find_native
+from .native import check_native, find_native
 from .plan import Plan, count_params, make_plan
 from .recipe import Recipe
 from .weights import pretrained_file, read_state_dict
@@ -97,6 +98,8 @@ def convert(
     init: str = "default",
     calib_data: str | Path | None = None,
     calib_size: int = 64,
+    require_native: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
     **model_kwargs: Any,
 ) -> Conversion:
     """Load the source model, plan the recipe, apply it and check a forward pass.
@@ -121,6 +124,10 @@ def convert(
     model on ``calib_size`` calibration inputs, images from ``calib_data`` or seeded
     noise, and report in ``Conversion.init`` how closely the patched model follows
     the original there.
+
+    Before any weights are loaded: with ``require_native``, a plan that timm cannot
+    build itself (see ``native.check_native``) is refused with the reason; ``on_plan``,
+    if given, is called with the plan and may raise to stop (e.g. an output check).
     """
     if init not in INITS:
         raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
@@ -136,6 +143,10 @@ def convert(
     meta = create_model(model_name, meta=True, **model_kwargs).eval()
     plan = make_plan(meta, recipe, model_name)
     _check_init(init, meta, plan)
+    if require_native:
+        check_native(model_name, model_kwargs, create_model(model_name, meta=True, **model_kwargs), plan)
+    if on_plan is not None:
+        on_plan(plan)
     if dry_run:
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)

@@ -1,0 +1,438 @@
+"""Writing outputs safely: what may be replaced, temporaries, and atomic renames.
+
+Rules every output of the tool follows:
+
+* Only a regular file, or a path that does not exist, is replaced. A symbolic link
+  (dangling or not), a directory, a device, a FIFO or a socket is refused, even when
+  overwriting is allowed. A file being replaced keeps its mode; a new one gets
+  ``0666 & ~umask``.
+* A folder output is replaced only if it is an earlier export of this tool (it holds
+  the :data:`MARKER` file and nothing but the files that export listed) or is empty, and
+  never the current directory or an ancestor of it, the home directory, or ``/``.
+* The folder is probed for writability (a file is created and removed in it) and, when
+  the size of the output can be estimated, for free space, before any work is done.
+* Everything is written under a temporary name beside the target,
+  ``.{name}.eca-surgery-tmp-{pid}-{random}``, fsynced and renamed into place. The
+  temporary is removed on every exit path the process controls (exceptions,
+  KeyboardInterrupt, and SIGTERM where the CLI turns it into one). Temporaries left by
+  a killed process (SIGKILL) are removed by the next write to the same place; those of
+  a live process are left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import SurgeryError
+
+TMP_TAG = ".eca-surgery-tmp-"
+MARKER = ".eca-surgery-export"
+_TMP_NAME = re.compile(r"\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[0-9a-f]+")
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh temporary name beside ``target``, recognisable as this process's."""
+    return target.parent / f".{_stem(target.name)}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _stem(name: str) -> str:
+    """The part of an output's name its temporaries carry (short enough for a 255-byte name)."""
+    return name[:200]
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def write_error(path: Path, exc: OSError) -> SurgeryError:
+    """A SurgeryError for an OS error met while writing ``path``, with the OS's reason."""
+    reason = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free some space on that filesystem or write elsewhere",
+        errno.EDQUOT: "free some space within your quota or write elsewhere",
+        errno.EROFS: "that filesystem is read-only; write elsewhere",
+    }.get(exc.errno or 0, "check the folder's permissions and attributes, or write elsewhere")
+    return SurgeryError(
+        f"Could not write {str(path)!r}: {reason} (errno {exc.errno}). Nothing was replaced; {hint}."
+    )
+
+
+def check_folder(target: Path, needed: int | None = None) -> None:
+    """Refuse to write ``target`` if its folder cannot take a new file (read-only,
+    immutable, a virtual filesystem such as /proc or /sys...) or has clearly too little
+    free space for ``needed`` bytes. Probes by creating and removing a temporary there."""
+    folder, probe = target.parent, temp_path(target)
+    try:
+        with _signals_deferred():  # the probe is created and removed with no interrupt between
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
+    except OSError as exc:
+        raise SurgeryError(
+            f"Cannot write in folder {str(folder)!r}: {exc.strerror or exc} (errno {exc.errno}). "
+            "Nothing was done; choose an output in a writable folder."
+        ) from None
+    if needed is not None:
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise SurgeryError(
+                f"Folder {str(folder)!r} has {free / 1e6:,.1f} MB free, but the output needs about "
+                f"{needed / 1e6:,.1f} MB. Nothing was done; free some space or write elsewhere."
+            )
+
+
+def _replaceable_file(path: Path, force: bool) -> os.stat_result | None:
+    """The lstat of output file ``path`` (None if missing); refuse anything but a regular
+    file, and an existing one without ``force``."""
+    st = _lstat(path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise SurgeryError(
+            f"Output {str(path)!r} is a directory; give a file name such as model.safetensors."
+        )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise SurgeryError(
+            f"Output {str(path)!r} is {_kind(st.st_mode)}, and eca-surgery only ever replaces regular "
+            "files (not links, devices, FIFOs or sockets), even when told to overwrite. It was left "
+            "untouched; choose another output path."
+        )
+    if st is not None and not force:
+        raise SurgeryError(
+            f"Output {str(path)!r} already exists and was left untouched. "
+            "Pass --force to overwrite it, or choose another --output."
+        )
+    return st
+
+
+def check_file_output(path: str | Path, force: bool, size: int | None = None) -> Path:
+    """Refuse an output file path that may not be written: anything but a regular file or
+    a missing path, an existing file without ``force``, a missing or unwritable folder,
+    or (with ``size``, an estimate in bytes) a folder without the space."""
+    path = Path(path)
+    _replaceable_file(path, force)
+    if not path.parent.is_dir():
+        raise SurgeryError(
+            f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
+        )
+    check_folder(path, size)
+    return path
+
+
+def _protected(path: Path) -> str | None:
+    """Why folder ``path`` may never be replaced, or None."""
+    try:
+        resolved = path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop, a removed working directory...
+        return "a path that cannot be resolved"
+    if resolved == Path(resolved.anchor):
+        return "the root folder"
+    if resolved == cwd:
+        return "the current directory"
+    if resolved in cwd.parents:
+        return "an ancestor of the current directory"
+    home = Path(os.path.expanduser("~")).resolve()
+    if resolved == home:
+        return "the home directory"
+    return None
+
+
+def _export_files(path: Path, kind: str) -> list[str] | None:
+    """The files an earlier export of ``kind`` in ``path`` listed in its marker, or None
+    if ``path`` holds no readable marker of that kind."""
+    marker = path / MARKER
+    st = _lstat(marker)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > 65536:
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if data.get("format") != "eca-surgery" or data.get("kind") != kind or not isinstance(files, list):
+        return None
+    if not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in files):
+        return None
+    return files
+
+
+def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None = None) -> Path:
+    """Refuse an output folder that may not be written.
+
+    Never replaced, even with ``force``: the root, home or current directory or an
+    ancestor of it, a symbolic link, anything that is not a folder, and a folder that
+    is not empty and not an earlier export of ``kind`` holding only the files it wrote.
+    """
+    path = Path(path)
+    why = _protected(path)
+    if why is not None:
+        raise SurgeryError(
+            f"Output folder {str(path)!r} is {why}; eca-surgery never replaces it. Name a new "
+            "folder for the export, e.g. ./model-timm."
+        )
+    st = _lstat(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise SurgeryError(
+            f"Output folder {str(path)!r} exists and is {_kind(st.st_mode)}, not a folder; it was left "
+            "untouched. Choose another path for the export."
+        )
+    if st is not None:
+        _check_replaceable_dir(path, kind)  # a folder that is not ours is refused whatever ``force`` says
+        if not force:
+            raise SurgeryError(
+                f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
+            )
+    if not path.parent.is_dir():
+        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
+    check_folder(path, size)
+    return path
+
+
+def _check_replaceable_dir(path: Path, kind: str) -> list[str]:
+    """The names in ``path``, if it is empty or an earlier export of ``kind`` with only its own files."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise SurgeryError(
+            f"Cannot read folder {str(path)!r} ({exc.strerror or exc}), so it cannot be checked and is "
+            "not replaced; it was left untouched. Choose a new folder for the export."
+        ) from None
+    if not names:
+        return names
+    files = _export_files(path, kind)
+    if files is None:
+        raise SurgeryError(
+            f"Folder {str(path)!r} is not empty and is not an earlier export of eca-surgery (it has no "
+            f"{MARKER} marker), so it is never replaced; every file in it was left untouched. "
+            "Choose a new folder for the export."
+        )
+    allowed = set(files) | {MARKER}
+    for name in names:
+        st = _lstat(path / name)
+        if name not in allowed or st is None or not stat.S_ISREG(st.st_mode):
+            raise SurgeryError(
+                f"Folder {str(path)!r} is an earlier export but also holds {name!r}, which eca-surgery did "
+                "not write there, so it is not replaced; every file in it was left untouched. Move that "
+                "file out, or choose a new folder for the export."
+            )
+    return names
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: the pid exists (another user's process)
+        return True
+    return True
+
+
+def clean_leftovers(folder: str | Path, name: str) -> list[Path]:
+    """Remove the temporaries for output ``name`` in ``folder`` left by processes that are
+    no longer running (a SIGKILL mid-write); return what was removed. Those of live
+    processes are left alone."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        match = _TMP_NAME.fullmatch(entry)
+        if not match or match["name"] != _stem(name) or _pid_alive(int(match["pid"])):
+            continue
+        path = folder / entry
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _clean_and_warn(target: Path) -> None:
+    for path in clean_leftovers(target.parent, target.name):
+        warnings.warn(f"Removed {str(path)!r}, left by an interrupted eca-surgery run.", stacklevel=4)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while cleaning up, so a second signal cannot cut it short."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
+        pass
+
+
+def _remove(path: Path) -> None:
+    with _signals_deferred():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_file(path: str | Path, force: bool, size: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; on a normal exit it is
+    fsynced, given the mode (the replaced file's, or ``0666 & ~umask``) and renamed over
+    ``path``. On any exception it is removed and ``path`` is left as it was; an OSError
+    becomes a SurgeryError naming ``path`` and the OS's reason."""
+    path = check_file_output(path, force, size)
+    _clean_and_warn(path)
+    tmp = temp_path(path)
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        yield tmp
+        st = _replaceable_file(path, force)  # again: it may have changed meanwhile
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~current_umask())
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_file(
+    path: str | Path, write: Callable[[Path], Any], force: bool, size: int | None = None
+) -> Path:
+    """Write ``path`` by ``write(temporary_path)`` and an atomic rename (see :func:`staged_file`)."""
+    with staged_file(path, force, size) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_dir(
+    path: str | Path, write: Callable[[Path], Any], force: bool, kind: str, size: int | None = None
+) -> Path:
+    """Write folder ``path`` by ``write(temporary_folder)``, mark it as an export of
+    ``kind`` and rename it into place. An earlier export (or an empty folder) at ``path``
+    is renamed aside first and removed, file by file, only once the new one is in place."""
+    path = check_dir_output(path, force, kind, size)
+    _clean_and_warn(path)
+    tmp = temp_path(path)
+    try:
+        os.mkdir(tmp, 0o777)
+        write(tmp)
+        files = sorted(os.listdir(tmp))
+        (tmp / MARKER).write_text(
+            json.dumps({"format": "eca-surgery", "kind": kind, "version": 1, "files": files}) + "\n"
+        )
+        _set_modes(tmp, path, (*files, MARKER))
+        for name in (*files, MARKER):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        _swap_in(tmp, path, force, kind)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def _set_modes(tmp: Path, path: Path, names: tuple[str, ...]) -> None:
+    """Give the folder and files in ``tmp`` the modes of those they replace in ``path``,
+    else the modes mkdir and open give (``0777``/``0666 & ~umask``)."""
+    umask = current_umask()
+
+    def mode(old: Path, default: int) -> int:
+        st = _lstat(old) if _lstat(path) is not None else None
+        return stat.S_IMODE(st.st_mode) if st is not None else default & ~umask
+
+    os.chmod(tmp, mode(path, 0o777))
+    for name in names:
+        os.chmod(tmp / name, mode(path / name, 0o666))
+
+
+def _swap_in(tmp: Path, path: Path, force: bool, kind: str) -> None:
+    """Rename folder ``tmp`` to ``path``; an existing (replaceable) ``path`` goes aside first."""
+    if _lstat(path) is None:
+        os.rename(tmp, path)  # fails, changing nothing, if something appeared there meanwhile
+        _fsync_dir(path.parent)
+        return
+    check_dir_output(path, force, kind)
+    old_names = _check_replaceable_dir(path, kind)
+    old = temp_path(path)
+    with _signals_deferred():  # no interrupt may leave the earlier export under a temporary name
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        _fsync_dir(path.parent)
+        for name in old_names:
+            (old / name).unlink(missing_ok=True)
+        try:
+            os.rmdir(old)
+        except OSError:
+            pass  # something new appeared in it: keep it
