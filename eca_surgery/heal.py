@@ -367,7 +367,9 @@ def heal(
                 _check_logits(out[1], target[1])
             loss = distillation_loss(out, target, settings.temperature, settings.feature_weight)
             if not math.isfinite(float(loss.detach())):
-                raise _diverged(step + 1, f"the loss is {float(loss)}", settings.lr, _last(saved), output)
+                raise _diverged(
+                    step + 1, f"the loss is {float(loss.detach())}", settings.lr, _last(saved), output
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
