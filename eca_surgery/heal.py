@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import SurgeryError
-from .models import build_with_weights
+from .models import build_with_weights, input_size
 from .weights import read_state_dict
 
 TRAIN = ("eca", "norm", "all")
@@ -297,6 +297,11 @@ def heal(
         _resume_point(output, patched.metadata, settings, origin) if resume else (None, None)
     )
     _check_classifier(patched.model, str(patched_path))
+    if input_size(patched.model)[0] != 3:
+        raise SurgeryError(
+            f"heal reads its images as RGB, but {str(patched_path)!r} takes {input_size(patched.model)[0]} "
+            "channel(s) (in_chans); heal it in your own training loop on inputs of that shape."
+        )
     start = heal_meta["step"] if heal_meta else 0
     history = heal_meta or {"teacher": teacher or patched.model_name, **origin}
     name = history["teacher"]

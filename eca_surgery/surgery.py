@@ -152,6 +152,11 @@ def convert(
     meta = create_model(model_name, meta=True, **model_kwargs).eval()
     plan = make_plan(meta, recipe, model_name)
     _check_init(init, meta, plan)
+    if calib_data is not None and input_size(meta)[0] != 3:
+        raise SurgeryError(
+            f"Calibration images are read as RGB, but {model_name} is built to take {input_size(meta)[0]} "
+            "channel(s) (in_chans); calibrate on seeded noise instead (no --calib-data)."
+        )
     if dry_run:
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)

@@ -494,3 +494,23 @@ def test_scan_cli_at_80_columns_cuts_no_number():
     assert "…" not in text
     for row in report["models"]:
         assert all(number in text for number in _numbers(row)), text
+
+
+def test_rgb_calibration_images_for_a_one_channel_model_are_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    out = tmp_path / "out.safetensors"
+    args = [
+        "convert",
+        "seresnet18",
+        "-r",
+        "se-to-eca",
+        "-o",
+        str(out),
+        "--init",
+        "fit-se",
+        "--model-arg",
+        "in_chans=1",
+    ]
+    msg = run_fail([*args, "--calib-data", str(tmp_path / "images")], tmp_path, out)
+    assert "read as RGB" in msg and "1 channel(s)" in msg
