@@ -23,6 +23,8 @@ from torch import nn
 from .errors import CheckpointError
 from .models import (
     check_fits,
+    check_kinds,
+    check_model_kwargs,
     create_model,
     load_into,
     loadable,
@@ -31,7 +33,7 @@ from .models import (
 from .outputs import atomic_write_file, check_file_output, current_umask  # noqa: F401
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
-from .weights import read_safetensors
+from .weights import check_tensors, read_safetensors
 
 FORMAT = "eca-surgery"
 FORMAT_VERSION = "1"
@@ -168,13 +170,26 @@ def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict
             f"this eca-surgery reads version {FORMAT_VERSION}. Upgrade eca-surgery."
         )
     try:
-        kwargs = json.loads(metadata["model_kwargs"])
-        recipe = recipe_from_dict(json.loads(metadata["recipe"]), source=f"{path} metadata")
-        return metadata["model"], kwargs, recipe
-    except (KeyError, json.JSONDecodeError) as exc:
+        name, kwargs, recipe = (
+            metadata["model"],
+            json.loads(metadata["model_kwargs"]),
+            json.loads(metadata["recipe"]),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"{str(path)!r} has damaged eca-surgery metadata ({exc!r}); re-export it."
         ) from None
+    if not isinstance(name, str) or not name or ":" in name:
+        raise CheckpointError(
+            f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
+            "name; re-export it."
+        )
+    check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError)
+    if not isinstance(recipe, dict):
+        raise CheckpointError(
+            f"{str(path)!r} has damaged eca-surgery metadata (its recipe is not an object); re-export it."
+        )
+    return name, kwargs, recipe_from_dict(recipe, source=f"{path} metadata")
 
 
 def open_patched(path: str | Path) -> Patched:
@@ -183,10 +198,13 @@ def open_patched(path: str | Path) -> Patched:
 
     tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
     name, kwargs, recipe = read_metadata(metadata, path)
+    what = f"Checkpoint {str(path)!r}"
+    check_tensors(tensors, what)
     model = loadable(create_model(name, meta=True, **kwargs), name, **kwargs)
     plan = make_plan(model, recipe, name)
     apply_plan(model, plan)
-    check_fits(model, shapes_of(tensors), f"Checkpoint {str(path)!r}", f"{name} patched by its recipe")
+    check_fits(model, shapes_of(tensors), what, f"{name} patched by its recipe")
+    check_kinds(model, tensors, what)
     load_into(model, tensors)
     model.eval()
     return Patched(model, plan, name, kwargs, metadata)

@@ -7,6 +7,7 @@ recipe commands start instantly.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -69,7 +70,9 @@ def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
             kwargs[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             kwargs[key.strip()] = value
-    return kwargs
+    from .models import check_model_kwargs
+
+    return check_model_kwargs(kwargs, "--model-arg")
 
 
 def _model_kwargs(
@@ -139,8 +142,20 @@ def _clean_heal_leftovers(output: Path) -> None:
     _clean_leftovers(output, state_path(output))
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Print ``data`` as strict JSON: NaN and infinities become null (JSON has neither)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -325,6 +340,7 @@ def convert(
             dry_run=dry_run,
             timm_native=result.native,
             init=result.init,
+            dtype=result.dtype,
         )
         if non_strict:
             report["non_strict"] = result.loaded
@@ -354,7 +370,12 @@ def convert(
             out.print(
                 f"Forward check: output shape at {'x'.join(map(str, report.get('input_size', [])))} unchanged "
                 f"({_shape(result.check['output_shape_at_default_size'])}); outputs on a "
-                f"{_shape(result.check['input_shape'])} input are finite."
+                f"{_shape(result.check['input_shape'])} {report['dtype']} input are finite."
+            )
+        if report["dtype"] != "float32":
+            out.print(
+                f"The model keeps the checkpoint's dtype, {report['dtype']}: feed it inputs of that dtype "
+                "(or call .float() on the loaded model)."
             )
         if result.native:
             kw = json.dumps(result.native["kwargs"])
@@ -377,12 +398,14 @@ def verify(
     """Rebuild a patched model from its checkpoint alone, load it strictly, and run it."""
     with _user_errors():
         from .report import plan_to_dict, render_plan, render_totals
+        from .surgery import dtype_of
         from .surgery import verify as verify_checkpoint
 
         patched, check = verify_checkpoint(path)
         report = plan_to_dict(patched.plan)
         report.update(
             file=str(path),
+            dtype=dtype_of(patched.model),
             check=check,
             versions={k: patched.metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")},
         )
@@ -393,7 +416,8 @@ def verify(
         render_totals(out, report)
         out.print(
             f"Verified {escape(str(path))}: weights load strictly into {report['model']} patched by its recipe; "
-            f"forward {_shape(check['input_shape'])} -> {_shape(check['output_shape'])}, finite."
+            f"forward {_shape(check['input_shape'])} -> {_shape(check['output_shape'])}, finite; "
+            f"dtype: {report['dtype']}."
         )
 
 
@@ -457,12 +481,11 @@ def scan(
 
             result = scan_models(names, flops=flops, on_model=advance)
         result.rows.sort(key=SORT_KEYS[sort])
-        if limit is not None:
-            del result.rows[limit:]
+        report = result.to_dict(limit)  # counts of every model scanned; rows cut to --limit
         if json_out:
-            _print_json(result.to_dict())
+            _print_json(report)
             return
-        render_scan(out, result.to_dict(), limit)
+        render_scan(out, report)
 
 
 @app.command()

@@ -15,10 +15,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models import input_size
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, size: tuple[int, int, int] | None = None) -> int | None:
     """MACs of one forward pass at batch 1 and the model's default input size, or None
     where the model cannot run on its device without data (counting is best-effort)."""
+    return count_macs_or_reason(model, size)[0]
+
+
+@torch.no_grad()
+def count_macs_or_reason(
+    model: nn.Module, size: tuple[int, int, int] | None = None
+) -> tuple[int | None, str | None]:
+    """``(MACs, None)``, or ``(None, why)`` where the model could not be run to count them."""
     ref = next(model.parameters())
     x = torch.empty(1, *(size or input_size(model)), device=ref.device, dtype=ref.dtype)
     training = {m: m.training for m in model.modules()}
@@ -27,9 +34,11 @@ def count_macs(model: nn.Module, size: tuple[int, int, int] | None = None) -> in
     try:
         with counter:
             model(x)
-    except Exception:  # noqa: BLE001 - some ops have no meta kernel; a report without FLOPs is still useful
-        return None
+    except Exception as exc:  # noqa: BLE001 - some ops have no meta kernel; a report without FLOPs is still useful
+        text = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+        return None, f"the model could not run on a {'x'.join(map(str, x.shape))} input ({why})"
     finally:
         for m, mode in training.items():
             m.training = mode
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops() // 2, None

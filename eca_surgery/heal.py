@@ -15,6 +15,7 @@ share of every batch (DistributedDataParallel) and process 0 writes the files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ from torch import nn
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import SurgeryError
-from .models import build_with_weights
+from .models import build_with_weights, input_size
 from .outputs import staged_file
 from .weights import read_state_dict
 
@@ -64,10 +65,13 @@ class HealSettings:
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}."
                 )
         for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise SurgeryError(f"--{name} must be positive, got {getattr(self, name)}.")
-        if self.feature_weight < 0 or self.weight_decay < 0:
-            raise SurgeryError("--feature-weight and --weight-decay must not be negative.")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise SurgeryError(f"--{name} must be a positive finite number, got {getattr(self, name)}.")
+        for name in ("feature_weight", "weight_decay"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise SurgeryError(
+                    f"--{name.replace('_', '-')} must be a finite number of at least 0, got {getattr(self, name)}."
+                )
 
 
 @dataclass
@@ -272,6 +276,7 @@ def heal(
     ``resume`` can continue.
     """
     settings.check()
+    check_loop_options(save_every, workers)
     dev = pick_device(device)
     output = Path(output)
     rank, world = _distributed()
@@ -292,6 +297,11 @@ def heal(
         _resume_point(output, patched.metadata, settings, origin) if resume else (None, None)
     )
     _check_classifier(patched.model, str(patched_path))
+    if input_size(patched.model)[0] != 3:
+        raise SurgeryError(
+            f"heal reads its images as RGB, but {str(patched_path)!r} takes {input_size(patched.model)[0]} "
+            "channel(s) (in_chans); heal it in your own training loop on inputs of that shape."
+        )
     start = heal_meta["step"] if heal_meta else 0
     history = heal_meta or {"teacher": teacher or patched.model_name, **origin}
     name = history["teacher"]
@@ -333,9 +343,14 @@ def heal(
     result = HealResult(patched, settings, start, start, output=output, rank=rank)
     history.update(settings=asdict(settings), trainable=len(trainable))
 
+    saved: list[int] = [start] if resume else []
+
     def save() -> None:
         if rank == 0:
             _save(result, history, output, opt)
+        saved.append(result.step)
+
+    watched = params + [b for m in student.modules() if m.training and is_norm(m) for b in m.buffers()]
 
     with _stop_requests() as stop:
         for step in range(start, settings.steps):
@@ -356,9 +371,15 @@ def heal(
             if step == start:
                 _check_logits(out[1], target[1])
             loss = distillation_loss(out, target, settings.temperature, settings.feature_weight)
+            if not math.isfinite(float(loss.detach())):
+                raise _diverged(
+                    step + 1, f"the loss is {float(loss.detach())}", settings.lr, _last(saved), output
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if not _all_finite(watched):
+                raise _diverged(step + 1, "weights became NaN or infinite", settings.lr, _last(saved), output)
             result.step = step + 1
             result.losses.append(float(loss.detach()))
             result.images_per_s = x.shape[0] * world / (time.perf_counter() - tick)
@@ -376,6 +397,41 @@ def heal(
     return result
 
 
+MAX_WORKERS = 256
+
+
+def check_loop_options(save_every: int, workers: int) -> None:
+    """Refuse a negative ``save_every`` and a worker count outside 0..MAX_WORKERS."""
+    if save_every < 0:
+        raise SurgeryError(
+            f"--save-every must be 0 (save at the end only) or a number of steps, got {save_every}."
+        )
+    if not 0 <= workers <= MAX_WORKERS:
+        raise SurgeryError(
+            f"--workers must be from 0 (load images in the main process) to {MAX_WORKERS}, got {workers}."
+        )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite (one device sync for all of them)."""
+    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
+def _diverged(step: int, what: str, lr: float, saved: int | None, output: Path) -> SurgeryError:
+    """The error that stops a run whose loss or weights stopped being finite."""
+    kept = (
+        f"The last good state, from step {saved}, is in {str(output)!r}: resume from it with --resume "
+        "(and a lower --lr into another --output, or the same settings)."
+        if saved is not None
+        else "Nothing was written."
+    )
+    return SurgeryError(
+        f"Healing diverged at step {step}: {what} (learning rate {lr:g} too high?). The diverged model "
+        f"was not saved. {kept} Try a lower --lr."
+    )
+
+
 def _source_file(patched: Patched, path: str | Path) -> Path | None:
     """The weights file ``patched`` was converted from, if it still exists; None for
     timm's pretrained weights; an error for a model converted from random weights."""
@@ -388,6 +444,10 @@ def _source_file(patched: Patched, path: str | Path) -> Path | None:
         f"{str(path)!r} was converted from {source or 'unknown weights'!r}, which is not a file here; "
         "pass the original model's weights with --teacher-checkpoint FILE."
     )
+
+
+def _last(saved: list[int]) -> int | None:
+    return saved[-1] if saved else None
 
 
 @contextmanager

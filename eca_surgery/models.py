@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,25 +34,217 @@ def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
             with torch.device("meta"):
                 return timm.create_model(name, pretrained=False, **kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
-        hint = ""
-        if "out_indices" in kwargs:
-            with torch.device("meta"):
-                stages = [d["module"] for d in timm.create_model(name, pretrained=False).feature_info]
-            hint = (
-                f" {name} has {len(stages)} feature maps: "
-                + ", ".join(f"{i}: {m}" for i, m in enumerate(stages))
-                + "."
-            )
+    except Exception as exc:  # noqa: BLE001 - timm raises any type for kwargs a model cannot take
         raise SurgeryError(
-            f"timm could not build {name!r} with {kwargs}: {exc or type(exc).__name__}.{hint}"
+            f"timm could not build {name!r} with {kwargs}: {_reason(exc)}.{_feature_hint(name, kwargs)}"
         ) from None
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _feature_hint(name: str, kwargs: Mapping[str, Any]) -> str:
+    """The feature maps of ``name``, for an error about ``out_indices``."""
+    import timm
+
+    if "out_indices" not in kwargs:
+        return ""
+    try:
+        with torch.device("meta"):
+            stages = [d["module"] for d in timm.create_model(name, pretrained=False).feature_info]
+    except Exception:  # noqa: BLE001 - the hint is optional
+        return ""
+    return (
+        f" {name} has {len(stages)} feature maps: "
+        + ", ".join(f"{i}: {m}" for i, m in enumerate(stages))
+        + "."
+    )
+
+
+# Model kwargs: what --model-arg and a checkpoint's metadata may pass to timm.create_model.
+# Only architecture and head options: nothing that names a file, a URL or a Hub repo, or
+# asks for pretrained weights (pretrained, pretrained_cfg, checkpoint_path, cache_dir, ...),
+# and every value typed and bounded, so a checkpoint from someone else cannot make timm
+# read a path or allocate without bound.
+MAX_SIDE = 4096
+MAX_CHANS = 64
+MAX_CLASSES = 100_000
+GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax",
+                "fastcatavgmax", "token", "map")  # fmt: skip
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if _is_int(v) and lo <= v <= hi else f"an integer from {lo} to {hi}"
+
+    return check
+
+
+def _float_in(
+    lo: float, hi: float, hi_open: bool = False, lo_open: bool = False
+) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        ok = ok and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        return (
+            None if ok else f"a finite number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        )
+
+    return check
+
+
+def _one_of(values: tuple[Any, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, str) and v in values else "one of " + ", ".join(map(repr, values))
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _list_of(item: Callable[[Any], str | None], lo: int, hi: int, what: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, (list, tuple)) and lo <= len(v) <= hi and not any(item(x) for x in v)
+        return None if ok else what
+
+    return check
+
+
+def _either(*checks: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        reasons = [c(v) for c in checks]
+        return None if None in reasons else " or ".join(reasons)
+
+    return check
+
+
+def _short_str(v: Any) -> str | None:
+    return None if isinstance(v, str) and 0 < len(v) <= 200 else "a module name (a string)"
+
+
+_SIDE = _int_in(1, MAX_SIDE)
+_INPUT_SIZE = _list_of(
+    _int_in(1, MAX_SIDE),
+    3,
+    3,
+    f"[channels, height, width] with channels 1 to {MAX_CHANS}, sides 1 to {MAX_SIDE}",
+)
+_DROP = _float_in(0.0, 1.0, hi_open=True)
+
+OVERLAY_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "input_size": lambda v: _INPUT_SIZE(v) or (None if 1 <= v[0] <= MAX_CHANS else _INPUT_SIZE([])),
+    "num_classes": _int_in(0, MAX_CLASSES),
+    "mean": _list_of(_float_in(-1e3, 1e3), 1, MAX_CHANS, "a list of 1 to 64 finite numbers"),
+    "std": _list_of(_float_in(0.0, 1e3, lo_open=True), 1, MAX_CHANS, "a list of 1 to 64 positive numbers"),
+    "crop_pct": _float_in(0.0, 1.0, lo_open=True),
+    "crop_mode": _one_of(CROP_MODES),
+    "interpolation": _one_of(INTERPOLATIONS),
+    "fixed_input_size": _boolean,
+    "pool_size": _list_of(_SIDE, 2, 2, f"[height, width], each 1 to {MAX_SIDE}"),
+    "first_conv": _short_str,
+    "classifier": _either(_short_str, _list_of(_short_str, 1, 4, "a list of module names")),
+}
+
+
+def _overlay(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return "an object of " + ", ".join(OVERLAY_CHECKS)
+    return None  # its keys are checked one by one in check_model_kwargs
+
+
+MODEL_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "num_classes": _int_in(0, MAX_CLASSES),
+    "in_chans": _int_in(1, MAX_CHANS),
+    "global_pool": _one_of(GLOBAL_POOLS),
+    "drop_rate": _DROP,
+    "drop_path_rate": _DROP,
+    "drop_block_rate": _DROP,
+    "attn_drop_rate": _DROP,
+    "proj_drop_rate": _DROP,
+    "pos_drop_rate": _DROP,
+    "zero_init_last": _boolean,
+    "features_only": _boolean,
+    "out_indices": _either(_int_in(1, 16), _list_of(_int_in(-16, 16), 1, 16, "a list of up to 16 integers")),
+    "output_stride": lambda v: None if _is_int(v) and v in (8, 16, 32) else "8, 16 or 32",
+    "img_size": _either(_SIDE, _list_of(_SIDE, 2, 2, f"[height, width], each 1 to {MAX_SIDE}")),
+    "pretrained_cfg_overlay": _overlay,
+}
+
+
+def check_model_kwargs(kwargs: Any, where: str, error: type[SurgeryError] = SurgeryError) -> dict[str, Any]:
+    """``kwargs`` if it is a JSON object of allowed ``timm.create_model`` kwargs with
+    values of the right type and range; else ``error`` naming the key and what it may be.
+    ``where`` says where the kwargs come from (e.g. a file's metadata)."""
+    if not isinstance(kwargs, dict):
+        raise error(
+            f"{where}: the model kwargs are {type(kwargs).__name__} {str(kwargs)[:60]!r}, not an object "
+            'of keyword arguments such as {"num_classes": 10}.'
+        )
+    for key, value in kwargs.items():
+        _check_kwarg(key, value, MODEL_KWARG_CHECKS, where, error, "")
+        if key == "pretrained_cfg_overlay":
+            for k, v in value.items():
+                _check_kwarg(k, v, OVERLAY_CHECKS, where, error, "pretrained_cfg_overlay.")
+    return kwargs
+
+
+def _check_kwarg(
+    key: Any, value: Any, checks: dict[str, Callable[[Any], str | None]], where: str,
+    error: type[SurgeryError], prefix: str,
+) -> None:  # fmt: skip
+    if key not in checks:
+        allowed = f"{prefix.rstrip('.')} may set only" if prefix else "timm gets only these kwargs"
+        raise error(
+            f"{where}: model kwarg {prefix}{str(key)[:60]!r} is not allowed. eca-surgery builds models "
+            f"without pretrained weights or files, and {allowed}: {', '.join(checks)}."
+        )
+    reason = checks[key](value)
+    if reason is not None:
+        raise error(f"{where}: model kwarg {prefix}{key} is {json_value(value)}; it must be {reason}.")
+
+
+def json_value(value: Any) -> str:
+    """``value`` as short JSON, for messages."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channels ``model`` takes: the input channels of its first convolution (the one
+    its pretrained config names, else the first Conv2d); None if it has none."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv")
+    if isinstance(first, str):
+        try:
+            conv = model.get_submodule(first)
+        except AttributeError:
+            conv = None
+        if isinstance(getattr(conv, "in_channels", None), int):
+            return conv.in_channels
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The model's default (C, H, W) input size, from its timm pretrained config."""
+    """The model's default (C, H, W) input size: H and W from its timm pretrained config,
+    C from its first convolution (the config says 3 even for a model built with in_chans=1)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    return (input_channels(model) or c, h, w)
 
 
 def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], what: str, name: str) -> None:
@@ -74,6 +267,21 @@ def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], what: st
         f"{what} does not fit {name}: {'; '.join(parts)}. Pass a checkpoint saved from "
         f"this same architecture ({name}), or name the model the checkpoint was saved from."
     )
+
+
+def check_kinds(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError where a floating tensor of the model gets a non-floating one
+    (or the reverse): loading by assignment would keep it, and the model could not run."""
+    wrong = [
+        f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})"
+        for k, t in model.state_dict().items()
+        if k in state_dict and t.is_floating_point() != state_dict[k].is_floating_point()
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{what} has tensors of the wrong kind (integer where the model has floating point, or the "
+            f"reverse): {sample_keys(wrong)}. Pass the model's own state_dict."
+        )
 
 
 def shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -131,6 +339,7 @@ def build_with_weights(
         }
         return model, report
     check_fits(model, shapes_of(state_dict), what, name)
+    check_kinds(model, state_dict, what)
     return load_into(loadable(model, name, **kwargs), state_dict), {"missing": [], "ignored": []}
 
 

@@ -132,6 +132,8 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
             f"GMACs at {'x'.join(map(str, report['input_size']))}: {report['macs_before'] / 1e9:.3f} -> "
             f"{report['macs_after'] / 1e9:.3f} (multiply-adds of convs and matmuls; FLOPs = 2 x MACs)"
         )
+    elif report.get("macs_error"):
+        console.print(f"GMACs: not counted; {escape(report['macs_error'])}", highlight=False)
     if report["params_removed"] or report["params_added"]:
         console.print(
             f"Parameters removed (replaced modules): {report['params_removed']:,}; "
@@ -174,35 +176,79 @@ def _gmacs(macs: int | None) -> str:
     return "-" if macs is None else f"{macs / 1e9:.3f}"
 
 
-def render_scan(console: Console, report: dict[str, Any], limit: int | None = None) -> None:
-    """Print a scan: one row per model with SE blocks, then failures and a summary."""
+# scan columns: header, justification, and the order in which they are dropped when the
+# console is too narrow for all (0: never); numbers are never wrapped or cut
+SCAN_COLUMNS = (
+    ("model", "left", 0),
+    ("SE blocks", "left", 3),
+    ("params (M)", "right", 0),
+    ("after (M)", "right", 1),
+    ("saving (M)", "right", 0),
+    ("%", "right", 0),
+    ("GMACs", "right", 0),
+    ("after", "right", 2),
+)
+
+
+def _scan_cells(r: dict[str, Any]) -> list[str]:
+    blocks = ", ".join(f"{c}x{n}" for n, c in r["se_blocks"].items()) or "-"
+    if r["unknown_se_like"]:
+        blocks += f" (+{len(r['unknown_se_like'])} unknown SE-like)"
+    return [
+        r["model"],
+        blocks,
+        f"{r['params_before'] / 1e6:.2f}",
+        f"{r['params_after'] / 1e6:.2f}",
+        f"{r['saving'] / 1e6:.3f}",
+        f"{r['saving_pct']:.1f}",
+        _gmacs(r["macs_before"]),
+        _gmacs(r["macs_after"]),
+    ]
+
+
+def _scan_table(rows: list[list[str]], drop: int, model_width: int = 30):
+    """The scan table without the columns of drop order 1..``drop``, and its width."""
     from rich.table import Table
 
-    rows = report["models"][:limit] if limit else report["models"]
+    keep = [i for i, (_, _, order) in enumerate(SCAN_COLUMNS) if not (0 < order <= drop)]
     table = Table(title="SE blocks in timm models and SE-to-ECA savings", title_justify="left")
-    table.add_column("model", no_wrap=True)
-    table.add_column("SE blocks")
-    for name in ("params (M)", "after", "saving (M)", "%", "GMACs", "after"):
-        table.add_column(name, justify="right")
+    total = len(keep) + 1  # the borders
+    for i in keep:
+        header, justify, _ = SCAN_COLUMNS[i]
+        width = max([len(header)] + [len(r[i]) for r in rows])
+        if justify == "right":  # a number: never wrapped, never cut
+            table.add_column(header, justify="right", no_wrap=True, min_width=width)
+        else:  # text folds (is never cut) but stays readable: the model name whole if it can be
+            width = min(model_width if i == 0 else 14, width)
+            table.add_column(header, overflow="fold", min_width=width)
+        total += width + 2  # the padding
     for r in rows:
-        blocks = ", ".join(f"{c}x{n}" for n, c in r["se_blocks"].items()) or "-"
-        if r["unknown_se_like"]:
-            blocks += f" (+{len(r['unknown_se_like'])} unknown SE-like)"
-        table.add_row(
-            r["model"],
-            blocks,
-            f"{r['params_before'] / 1e6:.2f}",
-            f"{r['params_after'] / 1e6:.2f}",
-            f"{r['saving'] / 1e6:.3f}",
-            f"{r['saving_pct']:.1f}",
-            _gmacs(r["macs_before"]),
-            _gmacs(r["macs_after"]),
-        )
+        table.add_row(*(r[i] for i in keep))
+    return table, total
+
+
+def render_scan(console: Console, report: dict[str, Any], limit: int | None = None) -> None:
+    """Print a scan: one row per model with SE blocks shown, then failures and a summary of
+    every model scanned. On a narrow console the less important columns are dropped
+    rather than cutting numbers."""
+    shown = report["models"][:limit] if limit else report["models"]
+    rows = [_scan_cells(r) for r in shown]
+    drops = max(order for _, _, order in SCAN_COLUMNS)
+    for drop, model_width in [(d, 30) for d in range(drops + 1)] + [(drops, 10)]:
+        table, width = _scan_table(rows, drop, model_width)
+        if width <= console.width:
+            break
     console.print(table)
+    if drop:
+        left = [h for h, _, order in SCAN_COLUMNS if 0 < order <= drop]
+        console.print(
+            f"(Columns left out to fit {console.width} characters: {', '.join(left)}; --json has them.)"
+        )
     for name, reason in report["failures"].items():
         console.print(f"[yellow]failed[/] {escape(name)}: {escape(reason)}", highlight=False)
+    listed = f" ({len(shown)} listed)" if len(shown) < report["with_se"] else ""
     console.print(
-        f"Scanned {report['scanned']} models: {report['with_se']} with SE blocks, "
+        f"Scanned {report['scanned']} models: {report['with_se']} with SE blocks{listed}, "
         f"{report['without_se']} without, {report['failed']} failed to build. "
         "GMACs: multiply-adds at the default input size (FLOPs = 2 x MACs)."
     )

@@ -48,13 +48,17 @@ class ScanResult:
     without_se: int
     scanned: int
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, limit: int | None = None) -> dict[str, Any]:
+        """The counts over every model scanned; ``models`` holds the first ``limit`` rows
+        (all without a limit) and ``shown`` how many that is."""
+        rows = self.rows[:limit] if limit is not None else self.rows
         return {
             "scanned": self.scanned,
             "with_se": len(self.rows),
             "without_se": self.without_se,
             "failed": len(self.failures),
-            "models": [r.to_dict() for r in self.rows],
+            "shown": len(rows),
+            "models": [r.to_dict() for r in rows],
             "failures": self.failures,
         }
 

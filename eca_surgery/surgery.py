@@ -17,9 +17,9 @@ from .apply import apply_plan
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks
 from .errors import SurgeryError
-from .flops import count_macs
+from .flops import count_macs_or_reason
 from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
-from .models import build_with_weights, check_fits, create_model, input_size, shapes_of
+from .models import build_with_weights, check_fits, check_model_kwargs, create_model, input_size, shapes_of
 from .native import check_native, find_native
 from .plan import Plan, count_params, make_plan
 from .recipe import Recipe
@@ -47,22 +47,37 @@ class Conversion:
     loaded: dict[str, list[str]] = field(default_factory=lambda: {"missing": [], "ignored": []})
     init: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
 
+    @property
+    def dtype(self) -> str:
+        """The floating dtype of the converted model's weights (that of the source file)."""
+        return dtype_of(self.model)
+
+
+def dtype_of(model: nn.Module) -> str:
+    """The dtype of ``model``'s first floating parameter, e.g. ``float16``."""
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return str(dtypes[0] if dtypes else torch.float32).removeprefix("torch.")
+
 
 def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
     """Apply ``plan`` to ``meta_model`` (pass a model you no longer need) and, with
     ``count``, return the MACs at the default input size before and after, counted on
-    the meta device."""
-    before = count_macs(meta_model) if count else None
+    the meta device. Where counting fails, ``macs_error`` says why."""
+    before, why = count_macs_or_reason(meta_model) if count else (None, None)
     if plan is not None and plan.edits:
         apply_plan(meta_model, plan)
     if not count:
         return {}
-    after = count_macs(meta_model) if plan is not None and plan.edits else before
-    return {"input_size": list(input_size(meta_model)), "macs_before": before, "macs_after": after}
+    after, why_after = count_macs_or_reason(meta_model) if plan is not None and plan.edits else (before, why)
+    report = {"input_size": list(input_size(meta_model)), "macs_before": before, "macs_after": after}
+    if why or why_after:
+        report["macs_error"] = why or why_after
+    return report
 
 
 def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) -> Inspection:
     """The SE blocks of a model and, with a recipe, the plan and MACs; allocates no weights."""
+    check_model_kwargs(model_kwargs, "model kwargs")
     model = create_model(model_name, meta=True, **model_kwargs)
     plan = make_plan(model, recipe, model_name) if recipe is not None else None
     blocks = find_se_blocks(model)
@@ -129,6 +144,7 @@ def convert(
     build itself (see ``native.check_native``) is refused with the reason; ``on_plan``,
     if given, is called with the plan and may raise to stop (e.g. an output check).
     """
+    check_model_kwargs(model_kwargs, "model kwargs")
     if init not in INITS:
         raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
     if init == "default" and calib_data is not None:
@@ -147,6 +163,11 @@ def convert(
         check_native(model_name, model_kwargs, create_model(model_name, meta=True, **model_kwargs), plan)
     if on_plan is not None:
         on_plan(plan)
+    if calib_data is not None and input_size(meta)[0] != 3:
+        raise SurgeryError(
+            f"Calibration images are read as RGB, but {model_name} is built to take {input_size(meta)[0]} "
+            "channel(s) (in_chans); calibrate on seeded noise instead (no --calib-data)."
+        )
     if dry_run:
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
@@ -154,6 +175,7 @@ def convert(
         native = find_native(model_name, model_kwargs, meta, plan) if timm_native else None
         return Conversion(meta, plan, model_kwargs, source, None, macs, native)
 
+    expected = _meta_output_shape(meta) if check else None  # before any work: can the model run at all?
     twin = create_model(model_name, meta=True, **model_kwargs).eval() if check or flops else None
     torch.manual_seed(seed)
     loaded = {"missing": [], "ignored": []}
@@ -173,7 +195,6 @@ def convert(
         init_report = _initialise(model, plan, init, batches) | {"calibration": described}
     result, macs = None, {}
     if twin is not None:
-        expected = _meta_output_shape(twin) if check else None
         macs = macs_before_after(twin, plan, count=flops)  # leaves ``twin`` patched
         if check and _meta_output_shape(twin) != expected:
             raise SurgeryError(
@@ -220,7 +241,23 @@ def _initialise(model: nn.Module, plan: Plan, init: str, batches: list[torch.Ten
 def _meta_output_shape(meta: nn.Module) -> list:
     x = torch.empty(1, *input_size(meta), device="meta")
     with torch.no_grad():
-        return _shape_of(meta(x))
+        return _shape_of(_run(meta, x))
+
+
+def _run(model: nn.Module, x: torch.Tensor):
+    """``model(x)``; a SurgeryError if the model cannot run on ``x`` (e.g. kwargs it was built
+    with that its forward pass cannot take, such as global_pool '' with a classifier)."""
+    try:
+        return model(x)
+    except Exception as exc:  # noqa: BLE001 - any error here means the model as built cannot run
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise SurgeryError(
+            f"The model {name} cannot run on a {'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')} "
+            f"input ({reason}). Check the model kwargs it was built with (e.g. global_pool, num_classes, "
+            "in_chans, input_size); global_pool '' (no pooling) needs num_classes=0 on most CNNs."
+        ) from None
 
 
 def _sample_input(model: nn.Module, seed: int) -> torch.Tensor:
@@ -252,7 +289,7 @@ def forward_check(model: nn.Module, x: torch.Tensor, expected: list | None = Non
     ``output_shape`` in the result is one shape, or a list of shapes for a model that
     returns several feature maps.
     """
-    out = model(x)
+    out = _run(model, x)
     shape = _shape_of(out)
     finite = all(bool(torch.isfinite(t).all()) for t in _outputs(out))
     if expected is not None and shape != expected:
@@ -262,7 +299,12 @@ def forward_check(model: nn.Module, x: torch.Tensor, expected: list | None = Non
         )
     if not finite:
         raise SurgeryError("The patched model's output has NaN or infinite values; check the source weights.")
-    return {"input_shape": list(x.shape), "output_shape": shape, "finite": finite}
+    return {
+        "input_shape": list(x.shape),
+        "output_shape": shape,
+        "finite": finite,
+        "dtype": str(x.dtype).removeprefix("torch."),
+    }
 
 
 def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -270,9 +312,7 @@ def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:
     from .checkpoint import open_patched
 
     patched = open_patched(path)
-    ref = next(patched.model.parameters())
-    x = torch.randn(1, *input_size(patched.model), generator=torch.Generator().manual_seed(0))
-    check = forward_check(patched.model, x.to(ref.device, ref.dtype))
+    check = forward_check(patched.model, _sample_input(patched.model, 0))
     if str(patched.plan.params_after) != patched.metadata.get("params_after"):
         raise SurgeryError(
             f"{str(path)!r}: the rebuilt model has {patched.plan.params_after} parameters but the file "

@@ -26,6 +26,8 @@ def read_safetensors(
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint {str(path)!r} is a folder; pass the weights file in it.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist; check the path.")
     try:
@@ -34,21 +36,35 @@ def read_safetensors(
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable safetensors file ({exc}). {hint}"
+            f"Checkpoint {str(path)!r} is not a readable safetensors file ({_first_line(exc)}). {hint}"
         ) from None
     return tensors, metadata
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    from timm.models import load_state_dict
+# the wrapper keys timm's load_state_dict unwraps (EMA weights first), and the prefixes of
+# DistributedDataParallel and torch.compile that clean_state_dict strips
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+PREFIXES = ("module.", "_orig_mod.")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NOT_A_STATE_DICT = (
+    "pass the model's state_dict (a flat mapping of names to tensors), saved with safetensors or torch.save."
+)
 
+
+def _load_torch(path: Path) -> object:
+    """Whatever a PyTorch file holds, read with ``weights_only=True`` (memory-mapped when
+    the file is in the zip format); a CheckpointError for anything unreadable or unsafe."""
     try:
-        # unwraps 'state_dict_ema' / 'model_ema' / 'state_dict' / 'model' and a 'module.' prefix
-        return load_state_dict(str(path), use_ema=True, weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except (pickle.UnpicklingError, RuntimeError) as exc:
         if "Unsupported global" not in str(exc):
             raise CheckpointError(
-                f"Checkpoint {str(path)!r} is not a readable PyTorch file ({str(exc).splitlines()[0]}). "
+                f"Checkpoint {str(path)!r} is not a readable PyTorch file ({_first_line(exc)}). "
                 "Pass a .safetensors file or a .pth/.pt/.bin state_dict."
             ) from None
         found = re.search(r"Unsupported globals?:? ?([^.]*(?:\.[\w]+)*)", str(exc))
@@ -59,35 +75,98 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
             "executes such code. Re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) "
             "or as safetensors."
         ) from None
-    except (EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - EOFError, OSError, ValueError, ...: all mean unreadable
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable PyTorch file ({str(exc).splitlines()[0]}). "
+            f"Checkpoint {str(path)!r} is not a readable PyTorch file ({_first_line(exc)}). "
             "Pass a .safetensors file or a .pth/.pt/.bin state_dict."
         ) from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a local checkpoint file, unwrapped from common training wrappers."""
-    from timm.models import clean_state_dict
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist; check the path.")
-    if path.suffix in TORCH_SUFFIXES:
-        state = _read_torch(path)
-    else:
-        state = clean_state_dict(read_safetensors(path)[0])
-    bad = (
-        [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if isinstance(state, dict)
-        else ["(all)"]
-    )
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a bare tensor of shape {tuple(obj.shape)}"
+    if obj is None:
+        return "None"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} item(s)"
+    return f"a {type(obj).__name__}"
+
+
+def unwrap_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat ``str -> Tensor`` state_dict in ``obj``: unwrapped from a training wrapper
+    (``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``, as timm does) and
+    stripped of a ``module.``/``_orig_mod.`` prefix; a CheckpointError for anything else."""
+    what = f"Checkpoint {str(path)!r}"
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} holds {_describe(obj)}, not a state_dict; {NOT_A_STATE_DICT}")
+    for key in WRAPPER_KEYS:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            obj = obj[key]
+            break
+    keys = [k for k in obj if not isinstance(k, str)]
+    if keys:
+        raise CheckpointError(
+            f"{what} is a mapping with non-string keys (e.g. {str(keys[0])[:40]!r}), not a state_dict; "
+            + NOT_A_STATE_DICT
+        )
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a state_dict of tensors (e.g. {bad[0]!r}); "
-            "pass the model's state_dict, saved with safetensors or torch.save."
+            f"{what} is not a flat state_dict of tensors ({bad[0][:80]!r} holds {_describe(obj[bad[0]])}); "
+            + NOT_A_STATE_DICT
         )
+    if not obj:
+        raise CheckpointError(f"{what} holds no tensors; {NOT_A_STATE_DICT}")
+    state = {}
+    for key, tensor in obj.items():
+        name = key
+        for prefix in PREFIXES:
+            name = name[len(prefix) :] if name.startswith(prefix) else name
+        if name in state:
+            raise CheckpointError(
+                f"{what} holds {name!r} twice (with and without a prefix); {NOT_A_STATE_DICT}"
+            )
+        state[name] = tensor
+    check_tensors(state, what)
     return state
+
+
+def check_tensors(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse sparse, quantized or complex tensors, and floating tensors of mixed dtypes
+    (a model takes one floating dtype; fp16, bf16, fp32 and fp64 are all kept as they are)."""
+    odd = [
+        k
+        for k, t in state.items()
+        if t.layout != torch.strided or t.is_quantized or t.is_complex() or t.is_meta
+        or (t.is_floating_point() and t.dtype not in FLOAT_DTYPES)
+    ]  # fmt: skip
+    if odd:
+        t = state[odd[0]]
+        raise CheckpointError(
+            f"{what}: tensor {odd[0][:80]!r} is {t.dtype} with layout {t.layout}, which a model's weights "
+            "cannot be; " + NOT_A_STATE_DICT
+        )
+    floats = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    if len(floats) > 1:
+        raise CheckpointError(
+            f"{what} mixes floating dtypes ({', '.join(floats)}); a model runs in one. Convert every "
+            "tensor to one dtype (e.g. {k: v.float() for k, v in state.items()}) and save it again."
+        )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a local checkpoint file, unwrapped from common training wrappers."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        read_safetensors(path)  # the error for a folder or a missing file
+    if path.suffix in TORCH_SUFFIXES:
+        return unwrap_state_dict(_load_torch(path), path)
+    return unwrap_state_dict(read_safetensors(path)[0], path)
 
 
 def pretrained_file(model_name: str, flag: str = "--checkpoint") -> tuple[Path, str]:
