@@ -46,6 +46,24 @@ def no_real_work(monkeypatch):
     monkeypatch.setattr(surgery, "create_model", meta_only)
 
 
+@pytest.fixture
+def nothing_removed(monkeypatch):
+    """Fail the test if anything but one of the tool's own temporaries is removed, renamed
+    or replaced: a refusal must not depend on a later check to save the user's files."""
+    import shutil
+
+    def guard(real):
+        def checked(path, *args, **kwargs):
+            assert TMP_TAG in os.fspath(path), f"{real.__name__}({path!r}) on a user's path"
+            return real(path, *args, **kwargs)
+
+        return checked
+
+    for name in ("unlink", "remove", "rmdir", "rename", "replace"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    monkeypatch.setattr(shutil, "rmtree", guard(shutil.rmtree))
+
+
 def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if TMP_TAG in p.name or p.name.endswith(".tmp"))
 
@@ -78,7 +96,7 @@ def populate(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("where", [".", "..", "~", "unrelated", "/"])
-def test_timm_dir_never_replaces_a_users_folder(tmp_path, monkeypatch, no_real_work, where):
+def test_timm_dir_never_replaces_a_users_folder(tmp_path, monkeypatch, no_real_work, nothing_removed, where):
     work = tmp_path / "home" / "work"
     before = populate(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
