@@ -295,6 +295,13 @@ def convert(
         if timm_dir is not None and not dry_run:
             check_timm_dir(timm_dir, force)
             _clean_leftovers(timm_dir)
+        if not dry_run:  # after the checks of each output, whose reasons are more specific
+            from .outputs import check_outputs_apart
+
+            check_outputs_apart(
+                {"output": output, "timm folder": timm_dir},
+                {"checkpoint": checkpoint, "recipe": parsed.source, "calibration data": calib_data},
+            )
 
         def check_space(plan) -> None:  # a lower bound: 2 bytes a parameter
             if output is not None and not dry_run:

@@ -35,7 +35,7 @@ from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import SurgeryError
 from .models import build_with_weights, input_size
-from .outputs import staged_file
+from .outputs import check_outputs_apart, staged_file
 from .weights import read_state_dict
 
 TRAIN = ("eca", "norm", "all")
@@ -281,7 +281,7 @@ def heal(
     output = Path(output)
     rank, world = _distributed()
     files = image_files(data)
-    _check_outputs(output, patched_path, resume, force)
+    _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
     origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
     if teacher is not None:
         origin["teacher"] = teacher
@@ -516,7 +516,14 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
         )
 
 
-def _check_outputs(output: Path, patched_path: str | Path, resume: bool, force: bool) -> None:
+def _check_outputs(
+    output: Path,
+    patched_path: str | Path,
+    resume: bool,
+    force: bool,
+    teacher_checkpoint: str | Path | None = None,
+    data: str | Path | None = None,
+) -> None:
     """Refuse, before any work, outputs heal may not write: the healed checkpoint (which
     ``resume`` replaces) and its optimizer state, in a writable folder with room for a
     checkpoint as large as the patched one."""
@@ -524,3 +531,7 @@ def _check_outputs(output: Path, patched_path: str | Path, resume: bool, force: 
     size = patched.stat().st_size if patched.is_file() else None
     check_output(output, force or resume, size)
     check_output(state_path(output), True)
+    check_outputs_apart(
+        {"output": output, "optimizer state": state_path(output)},
+        {"patched checkpoint": patched, "teacher checkpoint": teacher_checkpoint, "data folder": data},
+    )
