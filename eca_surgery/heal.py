@@ -215,11 +215,72 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _heal_record(output: Path, text: str) -> dict[str, Any] | None:
+    """The heal record of an earlier run's ``output`` (its ``heal`` metadata), checked for
+    the shape :func:`_resume_point` reads: None if there is none."""
+    bad = SurgeryError(
+        f"--resume: the heal record in {str(output)!r} is damaged or not one this eca-surgery wrote, "
+        "so the run cannot continue; start afresh from it as PATCHED without --resume (into another "
+        "--output)."
+    )
+    try:
+        heal = json.loads(text)
+    except (ValueError, RecursionError):
+        raise bad from None
+    if heal is None:
+        return None
+    settings = heal.get("settings") if isinstance(heal, dict) else None
+    step = heal.get("step") if isinstance(heal, dict) else None
+    if not isinstance(settings, dict) or any(k not in settings for k in RESUME_KEYS):
+        raise bad
+    if type(step) is not int or step < 0:
+        raise bad
+    return heal
+
+
+def _read_state(state: Path) -> dict[str, Any]:
+    """Heal's optimizer state file (tensors and plain data only: ``weights_only``)."""
+    try:
+        opt = torch.load(state, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle refusals, a damaged zip, an unreadable file...
+        raise SurgeryError(
+            f"--resume: the optimizer state {str(state)!r} cannot be read safely "
+            f"({type(exc).__name__}); it is damaged, not one eca-surgery wrote, or holds more than "
+            "tensors and plain data. Start afresh without --resume (into another --output)."
+        ) from None
+    if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict):
+        raise SurgeryError(
+            f"--resume: the optimizer state {str(state)!r} is not one eca-surgery wrote. Start afresh "
+            "without --resume (into another --output)."
+        )
+    return opt
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Load a saved optimizer state into ``opt``, refusing one made for other parameters."""
+    bad = SurgeryError(
+        f"--resume: the optimizer state {str(path)!r} was saved for other parameters than the "
+        "model now trains; it does not go with this run. Start afresh without --resume (into "
+        "another --output)."
+    )
+    params = [p for group in opt.param_groups for p in group["params"]]
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError):
+        raise bad from None
+    for p in params:
+        for value in opt.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise bad
+    if any(not isinstance(v, dict) for v in opt.state.values()):
+        raise bad
+
+
 def _resume_point(
     output: Path, metadata: dict[str, str], settings: HealSettings, origin: dict[str, str]
 ) -> tuple[dict[str, Any], dict | None]:
     """The heal record in the ``metadata`` of an earlier run's ``output``, and its optimizer state."""
-    heal = json.loads(metadata.get("heal", "null") or "null")
+    heal = _heal_record(output, metadata.get("heal", "null") or "null")
     if heal is None:
         raise SurgeryError(
             f"--resume: {str(output)!r} was not written by `eca-surgery heal`, so there is nothing to "
@@ -241,7 +302,7 @@ def _resume_point(
             f"pass --steps above {heal['step']} to train further."
         )
     state = state_path(output)
-    opt = torch.load(state, weights_only=True) if state.is_file() else None
+    opt = _read_state(state) if state.is_file() else None
     if opt is None or opt.get("step") != heal["step"]:
         raise SurgeryError(
             f"--resume: the optimizer state {str(state)!r} that goes with {str(output)!r} is missing or "
@@ -329,7 +390,7 @@ def heal(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if opt_state is not None:
-        opt.load_state_dict(opt_state["optimizer"])
+        _load_optimizer(opt, opt_state["optimizer"], state_path(output))
     net: nn.Module = _FeaturesAndLogits(student)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)

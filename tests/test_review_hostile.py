@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_fail
+from cli_helpers import run_fail, run_ok
 
 import eca_surgery.outputs as outputs
 
@@ -132,3 +132,154 @@ def test_signal_during_a_deferred_step_is_acted_on_after_it(tmp_path):
             done.append("rest of the step")
     assert done == ["rest of the step"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# recipe text reaches the terminal: no control characters (escape sequences)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        'name: "\\e]0;pwned\\a\\e[2J"',
+        'description: "ok\\e[31mred"',
+        'rules:\n  - action: replace\n    select: {path: "layer1\\e[2J"}',
+        'rules:\n  - action: replace\n    select: {regex: ["layer1", "x\\x9b2J"]}',
+    ],
+)
+def test_control_characters_in_recipe_text_are_refused(tmp_path, monkeypatch, field):
+    """Before: a name with terminal escapes was valid and printed raw in the plan's title."""
+    monkeypatch.chdir(tmp_path)
+    text = "version: 1\n" + field + "\n"
+    if "rules:" not in field:
+        text += "rules:\n  - action: replace\n    select: {se: true}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    for args in (["recipe", "check", "r.yaml"], ["convert", "seresnet18", "-r", "r.yaml", "--dry-run"]):
+        msg = run_fail(args, tmp_path)
+        assert "control character" in msg and "\x1b" not in msg and "\x9b" not in msg
+
+
+def test_description_may_hold_newlines_and_tabs():
+    from eca_surgery.recipe import parse_recipe
+
+    text = (
+        'version: 1\ndescription: "two\\nlines\\tok"\nrules:\n  - action: replace\n    select: {se: true}\n'
+    )
+    assert parse_recipe(text).description == "two\nlines\tok"
+
+
+# heal --resume with a damaged or foreign record or optimizer state
+
+
+SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
+
+
+@pytest.fixture(scope="module")
+def healed(tmp_path_factory):
+    """A patched seresnet18 (32x32), 4 images, and a 1-step heal run of it."""
+    import timm
+    from safetensors.torch import save_file
+
+    from eca_surgery.checkpoint import save_patched
+    from eca_surgery.recipe import load_recipe
+    from eca_surgery.surgery import convert
+
+    root = tmp_path_factory.mktemp("healed")
+    teacher = root / "teacher.safetensors"
+    save_file(timm.create_model("seresnet18", **SMALL).state_dict(), teacher)
+    _images(root / "images", 4)
+    conv = convert("seresnet18", load_recipe("se-to-eca"), checkpoint=teacher, check=False, **SMALL)
+    save_patched(conv.model, root / "patched.safetensors", conv.plan, model_kwargs=SMALL)
+
+    run_ok(_heal(root, root / "healed.safetensors", "--steps", "1"))
+    return root
+
+
+def _heal(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "heal", str(root / "patched.safetensors"), "-d", str(root / "images"), "-o", str(out),
+        "--teacher-checkpoint", str(root / "teacher.safetensors"), "--batch-size", "2", "--device", "cpu",
+        *extra,
+    ]  # fmt: skip
+
+
+def _copy_run(root: Path, work: Path) -> Path:
+    import shutil
+
+    out = work / "healed.safetensors"
+    shutil.copy(root / "healed.safetensors", out)
+    shutil.copy(root / "healed.safetensors.heal-state.pt", work / "healed.safetensors.heal-state.pt")
+    return out
+
+
+@pytest.mark.parametrize(
+    "record", ["[1, 2]", '"x"', '{"step": "x"}', '{"step": 1, "settings": []}', '{"step": -1}', "{not json"]
+)
+def test_resume_with_a_damaged_heal_record_is_a_clean_error(healed, tmp_path, record):
+    """Before: TypeError or KeyError tracebacks."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = _copy_run(healed, tmp_path)
+    with safe_open(str(out), "pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(out), out, metadata={**meta, "heal": record})
+    msg = run_fail(_heal(healed, out, "--steps", "2", "--resume"), tmp_path)
+    assert "heal record" in msg and "damaged" in msg
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def _state_cases() -> dict:
+    import torch
+
+    return {
+        "pickle-global": lambda good: {"step": good["step"], "optimizer": _Evil()},
+        "list": lambda good: [1, 2],
+        "optimizer-list": lambda good: {"step": good["step"], "optimizer": [1]},
+        "other-shapes": lambda good: {
+            "step": good["step"],
+            "optimizer": {
+                "state": {
+                    k: {n: torch.zeros(7) if t.dim() else t for n, t in v.items()}
+                    for k, v in good["optimizer"]["state"].items()
+                },
+                "param_groups": good["optimizer"]["param_groups"],
+            },
+        },
+        "fewer-params": lambda good: {
+            "step": good["step"],
+            "optimizer": {
+                "state": {},
+                "param_groups": [dict(g, params=g["params"][:1]) for g in good["optimizer"]["param_groups"]],
+            },
+        },
+        "groups-a-string": lambda good: {
+            "step": good["step"],
+            "optimizer": {"state": {}, "param_groups": "x"},
+        },
+    }
+
+
+@pytest.mark.parametrize("case", ["pickle-global", "list", "optimizer-list", "other-shapes", "fewer-params",
+                                  "groups-a-string", "text", "empty"])  # fmt: skip
+def test_resume_with_a_damaged_or_foreign_state_is_a_clean_error(healed, tmp_path, monkeypatch, case):
+    """Before: UnpicklingError, AttributeError, ValueError or a RuntimeError in the first step."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    out = _copy_run(healed, tmp_path)
+    state = tmp_path / "healed.safetensors.heal-state.pt"
+    good = torch.load(state, weights_only=True)
+    if case in ("text", "empty"):
+        state.write_text("hello" if case == "text" else "")
+    else:
+        torch.save(_state_cases()[case](good), state)
+    msg = run_fail(_heal(healed, out, "--steps", "2", "--resume"), tmp_path)
+    assert "optimizer state" in msg and "--resume" in msg
+    assert "weights_only` set to `False" not in msg  # never advise the unsafe way
+    assert not (tmp_path / "PWNED").exists()
