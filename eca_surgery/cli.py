@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import threading
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -30,8 +31,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-out = Console()
-err = Console(stderr=True)
+
+def printable(text: str) -> str:
+    """``text`` with control characters (but newlines) shown escaped, e.g. ``\\x1b``: messages
+    quote names from untrusted files (state_dict keys, metadata), and those must never
+    reach the terminal as escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c == "\n" or unicodedata.category(c) != "Cc" else ascii(c)[1:-1] for c in text)
+
+
+class SafeConsole(Console):
+    """A rich Console whose ``print`` shows the control characters of text arguments escaped."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 RecipeOpt = Annotated[
     Optional[str],
@@ -435,16 +453,23 @@ def _shape(shape: list) -> str:
 
 
 @app.command("recipes")
-def list_recipes() -> None:
+def list_recipes(json_out: JsonOpt = False) -> None:
     """List the bundled recipes, usable by name with --recipe."""
     from rich.table import Table
 
     with _user_errors():
         from .recipe import bundled_recipes, load_recipe
 
+        rows = [
+            {"name": name, "description": load_recipe(path).description or "", "path": str(path)}
+            for name, path in sorted(bundled_recipes().items())
+        ]
+        if json_out:
+            _print_json({"recipes": rows})
+            return
         table = Table("name", "description", title="Bundled recipes", title_justify="left")
-        for name, path in sorted(bundled_recipes().items()):
-            table.add_row(name, load_recipe(path).description or "")
+        for row in rows:
+            table.add_row(row["name"], row["description"])
         out.print(table)
 
 

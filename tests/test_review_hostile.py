@@ -283,3 +283,34 @@ def test_resume_with_a_damaged_or_foreign_state_is_a_clean_error(healed, tmp_pat
     assert "optimizer state" in msg and "--resume" in msg
     assert "weights_only` set to `False" not in msg  # never advise the unsafe way
     assert not (tmp_path / "PWNED").exists()
+
+
+# names from untrusted files are quoted in messages: never as raw terminal escapes
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_escape_sequences_in_state_dict_keys_are_shown_escaped(tmp_path, monkeypatch, suffix):
+    """Before: an unexpected key '\\x1b[2J...' cleared the user's terminal in the error."""
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    weights = {"\x1b[2J\x1b]0;pwn\x07EVIL": torch.zeros(1), "x\x9b31m": torch.zeros(1)}
+    path = tmp_path / f"evil{suffix}"
+    save_file(weights, path) if suffix == ".safetensors" else torch.save(weights, path)
+    msg = run_fail([*CONVERT, "-c", path.name, "--dry-run"], tmp_path)
+    assert "\x1b" not in msg and "\x07" not in msg and "\x9b" not in msg
+    assert "\\x1b[2J\\x1b]0;pwn\\x07EVIL" in msg and "x\\x9b31m" in msg
+
+
+def test_printable_keeps_newlines_and_unicode():
+    from eca_surgery.cli import printable
+
+    assert printable("a\nb ünï€ 😀") == "a\nb ünï€ 😀"
+    assert printable("a\tb\x1b[0m\x7f") == "a\\tb\\x1b[0m\\x7f"
+
+
+def test_recipes_has_a_json_form():
+    report = json.loads(run_ok(["recipes", "--json"]))
+    names = {r["name"] for r in report["recipes"]}
+    assert "se-to-eca" in names and all(Path(r["path"]).is_file() for r in report["recipes"])
