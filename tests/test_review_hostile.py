@@ -314,3 +314,62 @@ def test_recipes_has_a_json_form():
     report = json.loads(run_ok(["recipes", "--json"]))
     names = {r["name"] for r in report["recipes"]}
     assert "se-to-eca" in names and all(Path(r["path"]).is_file() for r in report["recipes"])
+
+
+# image folders: link loops, FIFOs, dangling links, extreme aspect ratios
+
+
+def test_a_symbolic_link_loop_in_the_data_folder_does_not_hang(tmp_path):
+    """Before: three links to the parent folder made the walk exponential (minutes)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        (tmp_path / "a" / f"up{i}").symlink_to("..", target_is_directory=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    code = f"from eca_surgery.data import image_files; print(len(image_files({str(tmp_path)!r})))"
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("image_files still walking a link loop after 20 s")
+    assert done.stdout.strip() == "1", done.stderr
+
+
+def test_only_regular_image_files_are_listed(tmp_path):
+    """Before: a FIFO named x.png was listed, and heal then blocked forever opening it."""
+    import os
+
+    from PIL import Image
+
+    from eca_surgery.data import image_files
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    assert [p.name for p in image_files(tmp_path)] == ["a.png", "link.png"]
+
+
+def test_an_extremely_long_image_is_cut_to_its_centre_first():
+    """Before: a 60000x1 PNG made the eval resize allocate gigabytes (16 GB seen)."""
+    import torch
+    from PIL import Image
+    from timm.data import create_transform
+
+    from eca_surgery.data import MAX_ASPECT, central
+
+    assert central(Image.new("RGB", (60000, 1))).size == (MAX_ASPECT, 1)
+    assert central(Image.new("RGB", (1, 60000))).size == (1, MAX_ASPECT)
+    img = Image.fromarray((torch.rand(40, 400, 3) * 255).byte().numpy())  # 10:1
+    transform = create_transform(input_size=(3, 32, 32), crop_pct=0.875, is_training=False)
+    assert central(img).size == (320, 40)
+    assert torch.allclose(transform(central(img)), transform(img), atol=1e-6)
+    square = Image.new("RGB", (50, 40))
+    assert central(square) is square
