@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import SurgeryError, sample_keys
+from .errors import StoppedBySignal, SurgeryError, sample_keys
 
 app = typer.Typer(
     name="eca-surgery",
@@ -127,6 +127,9 @@ def _user_errors():
     """Turn SurgeryError into a one-paragraph message and exit code 1, with no traceback."""
     try:
         yield
+    except StoppedBySignal as exc:  # stopped cleanly: the shell's code for the signal, like Ctrl-C's
+        err.print(escape(str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if exc.signal_name == "SIGTERM" else 130) from None
     except SurgeryError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -33,7 +33,7 @@ from torch import nn
 
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
-from .errors import SurgeryError
+from .errors import StoppedBySignal, SurgeryError
 from .models import build_with_weights, input_size
 from .outputs import check_outputs_apart, staged_file
 from .weights import read_state_dict
@@ -419,10 +419,11 @@ def heal(
                 if result.step > start:
                     save()
                 saved = f"; progress saved to {str(output)!r}. Run the same command with --resume to continue"
-                raise SurgeryError(
+                raise StoppedBySignal(
                     f"Interrupted ({stop[0]}) after step {result.step} of {settings.steps}"
                     + (saved if result.step > start else ", before any step finished; nothing was written")
-                    + "."
+                    + ".",
+                    stop[0],
                 )
             tick = time.perf_counter()
             x = next(batches).to(dev, non_blocking=True)

@@ -373,3 +373,35 @@ def test_an_extremely_long_image_is_cut_to_its_centre_first():
     assert torch.allclose(transform(central(img)), transform(img), atol=1e-6)
     square = Image.new("RGB", (50, 40))
     assert central(square) is square
+
+
+# heal stopped by a signal exits with the signal's code, like every other command
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_heal_stopped_by_a_signal_exits_130_or_143(healed, tmp_path, monkeypatch, sig, code):
+    """Before: exit code 1 and 'Error: Interrupted (SIGTERM) ...', as if the input were bad."""
+    import os
+
+    from cli_helpers import runner, text_of
+
+    import eca_surgery.heal as heal_module
+    from eca_surgery.cli import app
+
+    real = heal_module.heal
+
+    def heal_then_signal(*args, on_step=None, **kwargs):
+        def hook(step, total, loss, speed):
+            on_step(step, total, loss, speed)
+            if step == 1:
+                os.kill(os.getpid(), sig)
+
+        return real(*args, on_step=hook, **kwargs)
+
+    monkeypatch.setattr(heal_module, "heal", heal_then_signal)
+    out = tmp_path / "healed.safetensors"
+    result = runner.invoke(app, _heal(healed, out, "--steps", "3", "--json"))
+    assert result.exit_code == code, text_of(result)
+    assert result.stdout == "" and "Traceback" not in text_of(result)
+    assert f"Interrupted ({sig.name}) after step 1 of 3; progress saved" in result.stderr
+    assert out.is_file() and not [p for p in tmp_path.iterdir() if outputs.TMP_TAG in p.name]
