@@ -182,10 +182,19 @@ def check_file_output(path: str | Path, force: bool, size: int | None = None) ->
     _replaceable_file(path, force)
     if not path.parent.is_dir():
         raise SurgeryError(
-            f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
+            f"The folder of output {str(path)!r} {_missing_folder(path.parent)}; create it first or choose "
+            "another --output."
         )
     check_folder(path, size)
     return path
+
+
+def _missing_folder(folder: Path) -> str:
+    """Why ``folder`` (not a directory) cannot hold an output: missing, or something else."""
+    st = _lstat(folder)
+    if st is None:
+        return "does not exist"
+    return f"does not exist: {str(folder)!r} is {_kind(st.st_mode)}, not a folder"
 
 
 def _protected(path: Path) -> str | None:
@@ -253,7 +262,9 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
                 f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
             )
     if not path.parent.is_dir():
-        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
+        raise SurgeryError(
+            f"The folder that would hold {str(path)!r} {_missing_folder(path.parent)}; create it first."
+        )
     check_folder(path, size)
     return path
 

@@ -405,3 +405,13 @@ def test_heal_stopped_by_a_signal_exits_130_or_143(healed, tmp_path, monkeypatch
     assert result.stdout == "" and "Traceback" not in text_of(result)
     assert f"Interrupted ({sig.name}) after step 1 of 3; progress saved" in result.stderr
     assert out.is_file() and not [p for p in tmp_path.iterdir() if outputs.TMP_TAG in p.name]
+
+
+def test_an_output_under_a_file_says_the_file_is_no_folder(tmp_path, monkeypatch):
+    """Before: 'The folder of output ... does not exist', though it does, as a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_bytes(b"x")
+    msg = run_fail([*CONVERT, "-o", "afile/x.safetensors"], tmp_path)
+    assert "does not exist: 'afile' is a regular file, not a folder" in msg
+    msg = run_fail([*CONVERT, "--timm-dir", "afile/td"], tmp_path)
+    assert "does not exist: 'afile' is a regular file, not a folder" in msg
