@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import threading
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import SurgeryError, sample_keys
+from .errors import StoppedBySignal, SurgeryError, sample_keys
 
 app = typer.Typer(
     name="eca-surgery",
@@ -30,8 +31,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-out = Console()
-err = Console(stderr=True)
+
+def printable(text: str) -> str:
+    """``text`` with control characters (but newlines) shown escaped, e.g. ``\\x1b``: messages
+    quote names from untrusted files (state_dict keys, metadata), and those must never
+    reach the terminal as escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c == "\n" or unicodedata.category(c) != "Cc" else ascii(c)[1:-1] for c in text)
+
+
+class SafeConsole(Console):
+    """A rich Console whose ``print`` shows the control characters of text arguments escaped."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 RecipeOpt = Annotated[
     Optional[str],
@@ -109,6 +127,9 @@ def _user_errors():
     """Turn SurgeryError into a one-paragraph message and exit code 1, with no traceback."""
     try:
         yield
+    except StoppedBySignal as exc:  # stopped cleanly: the shell's code for the signal, like Ctrl-C's
+        err.print(escape(str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if exc.signal_name == "SIGTERM" else 130) from None
     except SurgeryError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -295,6 +316,13 @@ def convert(
         if timm_dir is not None and not dry_run:
             check_timm_dir(timm_dir, force)
             _clean_leftovers(timm_dir)
+        if not dry_run:  # after the checks of each output, whose reasons are more specific
+            from .outputs import check_outputs_apart
+
+            check_outputs_apart(
+                {"output": output, "timm folder": timm_dir},
+                {"checkpoint": checkpoint, "recipe": parsed.source, "calibration data": calib_data},
+            )
 
         def check_space(plan) -> None:  # a lower bound: 2 bytes a parameter
             if output is not None and not dry_run:
@@ -428,16 +456,23 @@ def _shape(shape: list) -> str:
 
 
 @app.command("recipes")
-def list_recipes() -> None:
+def list_recipes(json_out: JsonOpt = False) -> None:
     """List the bundled recipes, usable by name with --recipe."""
     from rich.table import Table
 
     with _user_errors():
         from .recipe import bundled_recipes, load_recipe
 
+        rows = [
+            {"name": name, "description": load_recipe(path).description or "", "path": str(path)}
+            for name, path in sorted(bundled_recipes().items())
+        ]
+        if json_out:
+            _print_json({"recipes": rows})
+            return
         table = Table("name", "description", title="Bundled recipes", title_justify="left")
-        for name, path in sorted(bundled_recipes().items()):
-            table.add_row(name, load_recipe(path).description or "")
+        for row in rows:
+            table.add_row(row["name"], row["description"])
         out.print(table)
 
 

@@ -9,6 +9,7 @@ Without a folder, calibration falls back to seeded Gaussian-noise inputs.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,20 @@ def image_files(root: str | Path) -> list[Path]:
         raise SurgeryError(f"Data path {str(root)!r} is not a folder; pass a folder of images.")
     unreadable: list[str] = []
     files = []
-    for folder, _, names in os.walk(root, onerror=lambda e: unreadable.append(e.filename), followlinks=True):
-        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    seen: set[tuple[int, int]] = set()  # folders already walked: linked folders are followed once
+    for folder, dirs, names in os.walk(
+        root, onerror=lambda e: unreadable.append(e.filename), followlinks=True
+    ):
+        st = _stat(folder)
+        if st is None or (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # a symbolic-link loop, or a folder reached twice
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [
+            Path(folder, n)
+            for n in names
+            if Path(n).suffix.lower() in IMAGE_EXTENSIONS and _is_regular_file(Path(folder, n))
+        ]
     if unreadable:
         raise SurgeryError(
             f"Data folder {unreadable[0]!r} cannot be read (permission denied or vanished); "
@@ -45,6 +58,20 @@ def image_files(root: str | Path) -> list[Path]:
             f"{', '.join(IMAGE_EXTENSIONS)}); pass a folder with images in it."
         )
     return sorted(files)
+
+
+def _stat(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is (or links to) a regular file: a FIFO or device could block a
+    reader forever, and a dangling link is no image."""
+    st = _stat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -74,9 +101,25 @@ class ImageFiles(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                return self.transform(to_rgb(img)), ""
+                return self.transform(to_rgb(central(img))), ""
         except Exception as exc:  # PIL raises many types for a bad file; all mean "cannot read"
             return torch.zeros(self.shape), f"Image {str(path)!r} cannot be read ({exc})"
+
+
+MAX_ASPECT = 8
+
+
+def central(img):
+    """``img``, or its central part if it is more than :data:`MAX_ASPECT` times longer than
+    wide (or the reverse). The eval transform scales the short side to the input size and
+    keeps the centre, so this changes nothing it keeps, and a 60000x1 image no longer
+    becomes a multi-gigabyte resize."""
+    w, h = img.size
+    if min(w, h) == 0 or max(w, h) <= MAX_ASPECT * min(w, h):
+        return img
+    cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
 
 
 def to_rgb(img):

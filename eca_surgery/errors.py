@@ -20,3 +20,12 @@ class RecipeError(SurgeryError):
 
 class CheckpointError(SurgeryError):
     """A weights file that is missing, unreadable, or does not fit the model."""
+
+
+class StoppedBySignal(SurgeryError):
+    """Work stopped cleanly on a signal (Ctrl-C's SIGINT, or SIGTERM); the message says what
+    was kept. The CLI exits with the shell's code for that signal (130 or 143)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name

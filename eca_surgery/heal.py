@@ -33,9 +33,9 @@ from torch import nn
 
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
-from .errors import SurgeryError
+from .errors import StoppedBySignal, SurgeryError
 from .models import build_with_weights, input_size
-from .outputs import staged_file
+from .outputs import check_outputs_apart, staged_file
 from .weights import read_state_dict
 
 TRAIN = ("eca", "norm", "all")
@@ -215,11 +215,72 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _heal_record(output: Path, text: str) -> dict[str, Any] | None:
+    """The heal record of an earlier run's ``output`` (its ``heal`` metadata), checked for
+    the shape :func:`_resume_point` reads: None if there is none."""
+    bad = SurgeryError(
+        f"--resume: the heal record in {str(output)!r} is damaged or not one this eca-surgery wrote, "
+        "so the run cannot continue; start afresh from it as PATCHED without --resume (into another "
+        "--output)."
+    )
+    try:
+        heal = json.loads(text)
+    except (ValueError, RecursionError):
+        raise bad from None
+    if heal is None:
+        return None
+    settings = heal.get("settings") if isinstance(heal, dict) else None
+    step = heal.get("step") if isinstance(heal, dict) else None
+    if not isinstance(settings, dict) or any(k not in settings for k in RESUME_KEYS):
+        raise bad
+    if type(step) is not int or step < 0:
+        raise bad
+    return heal
+
+
+def _read_state(state: Path) -> dict[str, Any]:
+    """Heal's optimizer state file (tensors and plain data only: ``weights_only``)."""
+    try:
+        opt = torch.load(state, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle refusals, a damaged zip, an unreadable file...
+        raise SurgeryError(
+            f"--resume: the optimizer state {str(state)!r} cannot be read safely "
+            f"({type(exc).__name__}); it is damaged, not one eca-surgery wrote, or holds more than "
+            "tensors and plain data. Start afresh without --resume (into another --output)."
+        ) from None
+    if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict):
+        raise SurgeryError(
+            f"--resume: the optimizer state {str(state)!r} is not one eca-surgery wrote. Start afresh "
+            "without --resume (into another --output)."
+        )
+    return opt
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Load a saved optimizer state into ``opt``, refusing one made for other parameters."""
+    bad = SurgeryError(
+        f"--resume: the optimizer state {str(path)!r} was saved for other parameters than the "
+        "model now trains; it does not go with this run. Start afresh without --resume (into "
+        "another --output)."
+    )
+    params = [p for group in opt.param_groups for p in group["params"]]
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError):
+        raise bad from None
+    for p in params:
+        for value in opt.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise bad
+    if any(not isinstance(v, dict) for v in opt.state.values()):
+        raise bad
+
+
 def _resume_point(
     output: Path, metadata: dict[str, str], settings: HealSettings, origin: dict[str, str]
 ) -> tuple[dict[str, Any], dict | None]:
     """The heal record in the ``metadata`` of an earlier run's ``output``, and its optimizer state."""
-    heal = json.loads(metadata.get("heal", "null") or "null")
+    heal = _heal_record(output, metadata.get("heal", "null") or "null")
     if heal is None:
         raise SurgeryError(
             f"--resume: {str(output)!r} was not written by `eca-surgery heal`, so there is nothing to "
@@ -241,7 +302,7 @@ def _resume_point(
             f"pass --steps above {heal['step']} to train further."
         )
     state = state_path(output)
-    opt = torch.load(state, weights_only=True) if state.is_file() else None
+    opt = _read_state(state) if state.is_file() else None
     if opt is None or opt.get("step") != heal["step"]:
         raise SurgeryError(
             f"--resume: the optimizer state {str(state)!r} that goes with {str(output)!r} is missing or "
@@ -281,7 +342,7 @@ def heal(
     output = Path(output)
     rank, world = _distributed()
     files = image_files(data)
-    _check_outputs(output, patched_path, resume, force)
+    _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
     origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
     if teacher is not None:
         origin["teacher"] = teacher
@@ -329,7 +390,7 @@ def heal(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if opt_state is not None:
-        opt.load_state_dict(opt_state["optimizer"])
+        _load_optimizer(opt, opt_state["optimizer"], state_path(output))
     net: nn.Module = _FeaturesAndLogits(student)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -358,10 +419,11 @@ def heal(
                 if result.step > start:
                     save()
                 saved = f"; progress saved to {str(output)!r}. Run the same command with --resume to continue"
-                raise SurgeryError(
+                raise StoppedBySignal(
                     f"Interrupted ({stop[0]}) after step {result.step} of {settings.steps}"
                     + (saved if result.step > start else ", before any step finished; nothing was written")
-                    + "."
+                    + ".",
+                    stop[0],
                 )
             tick = time.perf_counter()
             x = next(batches).to(dev, non_blocking=True)
@@ -516,7 +578,14 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
         )
 
 
-def _check_outputs(output: Path, patched_path: str | Path, resume: bool, force: bool) -> None:
+def _check_outputs(
+    output: Path,
+    patched_path: str | Path,
+    resume: bool,
+    force: bool,
+    teacher_checkpoint: str | Path | None = None,
+    data: str | Path | None = None,
+) -> None:
     """Refuse, before any work, outputs heal may not write: the healed checkpoint (which
     ``resume`` replaces) and its optimizer state, in a writable folder with room for a
     checkpoint as large as the patched one."""
@@ -524,3 +593,7 @@ def _check_outputs(output: Path, patched_path: str | Path, resume: bool, force: 
     size = patched.stat().st_size if patched.is_file() else None
     check_output(output, force or resume, size)
     check_output(state_path(output), True)
+    check_outputs_apart(
+        {"output": output, "optimizer state": state_path(output)},
+        {"patched checkpoint": patched, "teacher checkpoint": teacher_checkpoint, "data folder": data},
+    )

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,7 +80,7 @@ def _kind(mode: int) -> str:
     ):
         if test(mode):
             return name
-    return "not a regular file"
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
 
 
 def write_error(path: Path, exc: OSError) -> SurgeryError:
@@ -118,6 +119,39 @@ def check_folder(target: Path, needed: int | None = None) -> None:
             )
 
 
+def _same_or_inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` (the same name after resolving links, or the same
+    file) or lies inside folder ``other``."""
+    try:
+        if path.exists() and other.exists() and os.path.samefile(path, other):
+            return True
+        resolved, folder = path.resolve(), other.resolve()
+    except (OSError, RuntimeError):  # a link loop: leave it to the checks of each path
+        return False
+    return resolved == folder or folder in resolved.parents
+
+
+def check_outputs_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse, before any work, outputs that would replace one of the ``inputs`` (or a
+    folder output holding one), and outputs that are the same path or nested in one
+    another. Keys describe the paths for the message (``"output"``, ``"checkpoint"``)."""
+    named_outputs = [(what, Path(p)) for what, p in outputs.items() if p is not None]
+    named_inputs = [(what, Path(p)) for what, p in inputs.items() if p is not None]
+    for i, (what, out) in enumerate(named_outputs):
+        for other, path in named_inputs:
+            if _same_or_inside(path, out):
+                raise SurgeryError(
+                    f"The {what} {str(out)!r} would replace the {other} {str(path)!r}, which is read "
+                    f"as input; nothing was done and it was left untouched. Write the {what} elsewhere."
+                )
+        for other, path in named_outputs[i + 1 :]:
+            if _same_or_inside(path, out) or _same_or_inside(out, path):
+                raise SurgeryError(
+                    f"The {what} {str(out)!r} and the {other} {str(path)!r} are the same path or one "
+                    "holds the other; nothing was done. Give them separate paths."
+                )
+
+
 def _replaceable_file(path: Path, force: bool) -> os.stat_result | None:
     """The lstat of output file ``path`` (None if missing); refuse anything but a regular
     file, and an existing one without ``force``."""
@@ -148,10 +182,19 @@ def check_file_output(path: str | Path, force: bool, size: int | None = None) ->
     _replaceable_file(path, force)
     if not path.parent.is_dir():
         raise SurgeryError(
-            f"The folder of output {str(path)!r} does not exist; create it first or choose another --output."
+            f"The folder of output {str(path)!r} {_missing_folder(path.parent)}; create it first or choose "
+            "another --output."
         )
     check_folder(path, size)
     return path
+
+
+def _missing_folder(folder: Path) -> str:
+    """Why ``folder`` (not a directory) cannot hold an output: missing, or something else."""
+    st = _lstat(folder)
+    if st is None:
+        return "does not exist"
+    return f"does not exist: {str(folder)!r} is {_kind(st.st_mode)}, not a folder"
 
 
 def _protected(path: Path) -> str | None:
@@ -219,7 +262,9 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
                 f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
             )
     if not path.parent.is_dir():
-        raise SurgeryError(f"The folder that would hold {str(path)!r} does not exist; create it first.")
+        raise SurgeryError(
+            f"The folder that would hold {str(path)!r} {_missing_folder(path.parent)}; create it first."
+        )
     check_folder(path, size)
     return path
 
@@ -299,17 +344,43 @@ def _clean_and_warn(target: Path) -> None:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while cleaning up, so a second signal cannot cut it short."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, OSError, ValueError):
-        yield
+    """Hold SIGINT and SIGTERM while a short critical step runs (a probe, a cleanup, a
+    folder swap), so that no interrupt can cut it short; a signal that arrives meanwhile
+    is acted on, by the handler that was in place, once the step is done.
+
+    Blocking the signals in the OS is not enough: a signal that arrived just before may
+    already be pending in Python and raise KeyboardInterrupt at any point of the step.
+    So Python's handlers are swapped for ones that only record the signal, and an
+    interrupt raised while swapping them is recorded too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed (and signals are only handled) in the main thread
         return
+    received: list[int | BaseException] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        while sig not in previous:
+            try:
+                previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+            except KeyboardInterrupt as exc:  # one that was pending surfaced here
+                received.append(exc)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            _redeliver(received[0], previous)
+
+
+def _redeliver(what: int | BaseException, handlers: dict[int, Any]) -> None:
+    """Act on a signal held by :func:`_signals_deferred` as its own handler would have."""
+    if isinstance(what, BaseException):
+        raise what
+    handler = handlers.get(what)
+    if callable(handler):
+        handler(what, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(what)
 
 
 def _fsync(path: Path) -> None:

@@ -33,6 +33,7 @@ import json
 import math
 import re
 import reprlib
+import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -256,7 +257,15 @@ class _Validator:
             raise self.fail(path, f"expected a string, got {_describe(value)}.")
         if len(value) > limit:
             raise self.fail(path, f"is {len(value)} characters long; at most {limit} are allowed.")
+        self.printable(value, path, allowed="\t\n" if path == ("description",) else "")
         return value
+
+    def printable(self, value: str, path: tuple, allowed: str = "") -> None:
+        """Refuse control characters (terminal escape sequences among them): recipe text
+        is printed, and must not drive the user's terminal."""
+        bad = next((c for c in value if c not in allowed and unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise self.fail(path, f"contains the control character {bad!r}; recipe text must be printable.")
 
     def recipe(self, data: Any) -> Recipe:
         data = self.mapping(data, (), _TOP_KEYS)
@@ -341,6 +350,7 @@ class _Validator:
             if len(v) > MAX_PATTERN:
                 at = (*path, i) if isinstance(value, list) else path
                 raise self.fail(at, f"is {len(v)} characters long; at most {MAX_PATTERN} are allowed.")
+            self.printable(v, (*path, i) if isinstance(value, list) else path)
         return tuple(values)
 
     def indices(self, value: Any, path: tuple, words: tuple[str, ...]) -> str | tuple[int, ...]:
