@@ -686,11 +686,17 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     return parse_recipe(text, source=str(path))
 
 
+# no control characters (Unicode category Cc), as the validator's ``printable``; the
+# description may also hold tabs and newlines
+_PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_PRINTABLE_LINES = r"^[^\u0000-\u0008\u000b-\u001f\u007f-\u009f]*$"
+
+
 def recipe_schema() -> dict[str, Any]:
     """The recipe format as a JSON Schema, for editors that complete and check YAML."""
     index = {"type": "integer", "minimum": -MAX_INDEX, "maximum": MAX_INDEX}
     indices = {"type": "array", "items": index, "minItems": 1, "maxItems": MAX_ITEMS}
-    pattern = {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN}
+    pattern = {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN, "pattern": _PRINTABLE}
     strings = {
         "oneOf": [
             pattern,
@@ -761,8 +767,12 @@ def recipe_schema() -> dict[str, Any]:
         "required": ["version", "rules"],
         "properties": {
             "version": {"const": RECIPE_VERSION},
-            "name": {"type": ["string", "null"], "maxLength": MAX_NAME},
-            "description": {"type": ["string", "null"], "maxLength": MAX_DESCRIPTION},
+            "name": {"type": ["string", "null"], "maxLength": MAX_NAME, "pattern": _PRINTABLE},
+            "description": {
+                "type": ["string", "null"],
+                "maxLength": MAX_DESCRIPTION,
+                "pattern": _PRINTABLE_LINES,
+            },
             "rules": {"type": "array", "items": rule, "minItems": 1, "maxItems": MAX_RULES},
         },
     }

@@ -625,6 +625,10 @@ INVALID_DATA = {
     "kernel-float": _with_eca(kernel_size=3.5),
     "kernel-string": _with_eca(kernel_size="3"),
     "gate-unknown": _with_eca(gate="relu"),
+    "name-escape": _recipe(name="\x1b[2Jgone"),
+    "description-escape": _recipe(description="line\n\x1b]0;title\x07"),
+    "path-escape": _with_select(path="layer1\x1b[31m"),
+    "regex-c1-control": _with_select(regex=["layer\x9b1"]),
 }
 
 
