@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -120,6 +121,19 @@ def _feature_kwargs(features_only: bool, out_indices: str | None) -> dict[str, A
             f"Note: --out-indices builds the model as a feature extractor (features_only=True, out_indices={indices})."
         )
     return {"features_only": True, "out_indices": indices}
+
+
+def _file_path(value: str | None) -> Path | None:
+    """An output file option as a Path; refused when it ends with a slash, which names a
+    folder (Path would drop the slash and write a file of the folder's name)."""
+    if value is None:
+        return None
+    if value.endswith(("/", os.sep)):
+        raise SurgeryError(
+            f"Output {value!r} ends with a slash, so it names a folder, not a file; give a file name "
+            f"such as {value.rstrip('/' + os.sep) or '.'}/model.safetensors."
+        )
+    return Path(value)
 
 
 @contextmanager
@@ -236,7 +250,7 @@ def convert(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
     recipe: RecipeOpt = None,
     output: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option("--output", "-o", help="Where to write the patched .safetensors checkpoint."),
     ] = None,
     checkpoint: Annotated[
@@ -296,6 +310,7 @@ def convert(
             raise SurgeryError(
                 "convert needs --recipe: a recipe file or a bundled recipe name such as se-to-eca."
             )
+        output = _file_path(output)
         if output is None and timm_dir is None and not dry_run:
             raise SurgeryError(
                 "convert needs --output FILE.safetensors and/or --timm-dir DIR (or --dry-run to only "
@@ -529,7 +544,7 @@ def heal(
     data: Annotated[
         Path, typer.Option("--data", "-d", help="Folder of training images, at any depth; labels unused.")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")],
     teacher: Annotated[
         Optional[str],
         typer.Option(help="timm name of the original model (default: the one PATCHED was converted from)."),
@@ -573,6 +588,7 @@ def heal(
         from .heal import heal as heal_model
 
         settings = HealSettings(steps, lr, train, batch_size, temperature, feature_weight, 0.0, seed)
+        output = _file_path(output)
         _clean_heal_leftovers(output)
         columns = (
             TextColumn("healing"),

@@ -613,3 +613,17 @@ def test_a_full_disk_while_exporting_the_timm_dir_is_clean(tmp_path, monkeypatch
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     msg = run_fail([*CONVERT, "--timm-dir", str(tmp_path / "export")], tmp_path)
     assert f"Could not write '{tmp_path / 'export'}': No space left on device" in msg
+
+
+@pytest.mark.parametrize("command", ["convert", "heal"])
+def test_an_output_ending_with_a_slash_names_a_folder(tmp_path, no_real_work, command):
+    """`-o sub/` means a folder; the tool must not write a file called `sub` instead."""
+    target = f"{tmp_path / 'sub'}/"
+    args = (
+        [*CONVERT, "-o", target]
+        if command == "convert"
+        else ["heal", str(tmp_path / "p.safetensors"), "--data", str(tmp_path), "-o", target]
+    )
+    msg = run_fail(args, tmp_path)
+    assert "ends with a slash" in msg and "sub/model.safetensors" in msg
+    assert not (tmp_path / "sub").exists()
