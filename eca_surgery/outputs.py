@@ -407,6 +407,20 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Remove the temporary ``tmp`` if the block fails, leaving ``path`` as it was; an
+    OSError becomes the one-paragraph write error of ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
 def staged_file(path: str | Path, force: bool, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on a normal exit it is
     fsynced, given the mode (the replaced file's, or ``0666 & ~umask``) and renamed over
@@ -415,7 +429,7 @@ def staged_file(path: str | Path, force: bool, size: int | None = None) -> Itera
     path = check_file_output(path, force, size)
     _clean_and_warn(path)
     tmp = temp_path(path)
-    try:
+    with _removed_on_failure(tmp, path):
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         yield tmp
         st = _replaceable_file(path, force)  # again: it may have changed meanwhile
@@ -423,12 +437,6 @@ def staged_file(path: str | Path, force: bool, size: int | None = None) -> Itera
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        _remove(tmp)
-        raise write_error(path, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def atomic_write_file(
@@ -449,7 +457,7 @@ def atomic_write_dir(
     path = check_dir_output(path, force, kind, size)
     _clean_and_warn(path)
     tmp = temp_path(path)
-    try:
+    with _removed_on_failure(tmp, path):
         os.mkdir(tmp, 0o777)
         write(tmp)
         files = sorted(os.listdir(tmp))
@@ -461,12 +469,6 @@ def atomic_write_dir(
             _fsync(tmp / name)
         _fsync(tmp)
         _swap_in(tmp, path, force, kind)
-    except OSError as exc:
-        _remove(tmp)
-        raise write_error(path, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return path
 
 
