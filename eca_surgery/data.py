@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import SurgeryError
 from .models import input_size
+from .paths import stat_input
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -27,7 +28,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 def image_files(root: str | Path) -> list[Path]:
     """Every image file under ``root`` at any depth, sorted; an error if there is none."""
     root = Path(root)
-    if not root.exists():
+    if stat_input(root, "Data folder") is None:
         raise SurgeryError(f"Data folder {str(root)!r} does not exist; pass a folder of images.")
     if not root.is_dir():
         raise SurgeryError(f"Data path {str(root)!r} is not a folder; pass a folder of images.")

@@ -43,6 +43,7 @@ import yaml
 from yaml.constructor import ConstructorError
 
 from .errors import RecipeError
+from .paths import stat_input
 
 RECIPE_VERSION = 1
 ACTIONS = ("replace", "insert")
@@ -656,7 +657,7 @@ def bundled_recipes() -> dict[str, Path]:
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """Load a recipe from a file, or a bundled recipe by name (``se-to-eca``)."""
     path = Path(path_or_name)
-    if not path.exists():
+    if stat_input(path, "Recipe", RecipeError) is None:
         bundled = bundled_recipes()
         if str(path_or_name) in bundled:
             path = bundled[str(path_or_name)]

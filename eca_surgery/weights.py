@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .paths import stat_input
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
@@ -26,6 +27,7 @@ def read_safetensors(
     from safetensors import safe_open
 
     path = Path(path)
+    stat_input(path, "Checkpoint", CheckpointError)
     if path.is_dir():
         raise CheckpointError(f"Checkpoint {str(path)!r} is a folder; pass the weights file in it.")
     if not path.is_file():
@@ -162,6 +164,7 @@ def check_tensors(state: dict[str, torch.Tensor], what: str) -> None:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict in a local checkpoint file, unwrapped from common training wrappers."""
     path = Path(path)
+    stat_input(path, "Checkpoint", CheckpointError)
     if path.is_dir() or not path.is_file():
         read_safetensors(path)  # the error for a folder or a missing file
     if path.suffix in TORCH_SUFFIXES:
