@@ -112,10 +112,31 @@ def save_patched(
     partial checkpoint and never damages the old one; a replaced file keeps its mode.
     """
     tensors = _unshared(model.state_dict())
+    check_rebuildable(tensors, plan, model_kwargs or {})
     metadata = make_metadata(plan, model_kwargs or {}, source, native, init, heal)
     return atomic_write_file(
         path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
     )
+
+
+def check_rebuildable(tensors: dict[str, torch.Tensor], plan: Plan, model_kwargs: dict[str, Any]) -> None:
+    """Refuse, before anything is written, to save ``tensors`` with metadata that would not
+    rebuild them: ``plan``'s model built with ``model_kwargs`` and patched by its recipe
+    must have exactly these keys and shapes, as ``load_patched`` will require."""
+    from .apply import apply_plan
+
+    check_model_kwargs(model_kwargs, "model_kwargs", CheckpointError)
+    rebuilt = create_model(plan.model, meta=True, **model_kwargs)
+    apply_plan(rebuilt, make_plan(rebuilt, plan.recipe, plan.model))
+    try:
+        check_fits(rebuilt, shapes_of(tensors), "The model to save", f"{plan.model} patched by its recipe")
+        check_kinds(rebuilt, tensors, "The model to save")
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc} Nothing was written: the file could not be loaded again. Save the model together "
+            "with the plan it was converted by and the model kwargs it was built with (e.g. "
+            "save_patched(result.model, path, result.plan, model_kwargs=result.model_kwargs))."
+        ) from None
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
