@@ -5,6 +5,7 @@ This is the Python API behind the CLI; it knows nothing of typer or rich.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitte
 from .models import build_with_weights, check_fits, check_model_kwargs, create_model, input_size, shapes_of
 from .native import check_native, find_native
 from .plan import Plan, count_params, make_plan
-from .recipe import Recipe
+from .recipe import Recipe, load_recipe
 from .weights import pretrained_file, read_state_dict
 
 
@@ -75,8 +76,21 @@ def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = Tr
     return report
 
 
-def inspect(model_name: str, recipe: Recipe | None = None, **model_kwargs: Any) -> Inspection:
-    """The SE blocks of a model and, with a recipe, the plan and MACs; allocates no weights."""
+def as_recipe(recipe: Recipe | str | Path) -> Recipe:
+    """``recipe`` itself, or the recipe a file path or bundled name (``"se-to-eca"``) gives."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    raise TypeError(
+        f"recipe must be a Recipe, a recipe file or a bundled recipe's name, not {type(recipe).__name__}"
+    )
+
+
+def inspect(model_name: str, recipe: Recipe | str | Path | None = None, **model_kwargs: Any) -> Inspection:
+    """The SE blocks of a model and, with a recipe (a Recipe, a file or a bundled name), the
+    plan and MACs; allocates no weights."""
+    recipe = as_recipe(recipe) if recipe is not None else None
     check_model_kwargs(model_kwargs, "model kwargs")
     model = create_model(model_name, meta=True, **model_kwargs)
     plan = make_plan(model, recipe, model_name) if recipe is not None else None
@@ -100,7 +114,7 @@ def source_weights(
 
 def convert(
     model_name: str,
-    recipe: Recipe,
+    recipe: Recipe | str | Path,
     *,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
@@ -145,6 +159,7 @@ def convert(
     if given, is called with the plan and may raise to stop (e.g. an output check).
     """
     check_model_kwargs(model_kwargs, "model kwargs")
+    recipe = as_recipe(recipe)
     if init not in INITS:
         raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
     if init == "default" and calib_data is not None:

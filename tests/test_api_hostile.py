@@ -1,0 +1,121 @@
+"""The Python API as a notebook calls it: bad input gives a SurgeryError, never another
+exception, and nothing unloadable is written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+import eca_surgery as es
+from eca_surgery.errors import SurgeryError
+from eca_surgery.surgery import verify
+
+LONG = "a" * 5000  # longer than any file name the OS takes (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: es.load_recipe(LONG),
+        lambda: es.load_patched(LONG),
+        lambda: verify(LONG),
+        lambda: es.convert("seresnet18", "se-to-eca", checkpoint=LONG, dry_run=True),
+    ],
+    ids=["load_recipe", "load_patched", "verify", "convert-checkpoint"],
+)
+def test_a_name_too_long_is_a_surgery_error(call):
+    with pytest.raises(SurgeryError, match="cannot be read: File name too long"):
+        call()
+
+
+def test_an_unsearchable_folder_is_a_surgery_error(monkeypatch, tmp_path):
+    """EACCES on the way to an input (root cannot see it, so simulate it)."""
+    real_stat = os.stat
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+    for call in (
+        lambda: es.load_recipe(tmp_path / "r.yaml"),
+        lambda: es.load_patched(tmp_path / "m.safetensors"),
+    ):
+        with pytest.raises(SurgeryError, match="Permission denied"):
+            call()
+
+
+def test_cli_name_too_long_has_no_traceback(tmp_path):
+    from cli_helpers import run_fail
+
+    for args in (["recipe", "check", LONG], ["verify", LONG], ["inspect", "seresnet18", "-r", LONG]):
+        assert "File name too long" in run_fail(args, tmp_path)
+
+
+def test_recipe_may_be_given_by_name_or_path():
+    by_name = es.inspect("seresnet18", "se-to-eca")
+    assert by_name.plan is not None and by_name.plan.edits
+    with pytest.raises(TypeError, match="recipe must be"):
+        es.inspect("seresnet18", 3)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    recipe = es.load_recipe("se-to-eca")
+    return es.convert("seresnet18", recipe, check=False, flops=False, timm_native=False, num_classes=7)
+
+
+def test_save_refuses_a_model_its_plan_does_not_rebuild(converted, tmp_path):
+    import timm
+
+    out = tmp_path / "m.safetensors"
+    unpatched = timm.create_model("seresnet18", pretrained=False, num_classes=7)
+    with pytest.raises(SurgeryError, match="Nothing was written"):
+        es.save_patched(unpatched, out, converted.plan, model_kwargs=converted.model_kwargs)
+    with pytest.raises(SurgeryError, match="model_kwargs=result.model_kwargs"):  # num_classes=7 not passed
+        es.save_patched(converted.model, out, converted.plan)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_and_load_from_a_thread_twice_leaves_process_state(converted, tmp_path, monkeypatch):
+    """Not in the main thread (no handlers may be set there), twice; relative paths after
+    chdir, a Path subclass; then the handlers and umask are those of before."""
+
+    class MyPath(type(Path())):
+        pass
+
+    monkeypatch.chdir(tmp_path)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.umask(0o027))
+    errors = []
+
+    def work():
+        try:
+            for name in ("a.safetensors", MyPath("b.safetensors")):
+                es.save_patched(
+                    converted.model, name, converted.plan, model_kwargs=converted.model_kwargs, force=True
+                )
+                es.load_patched(name)
+            with pytest.raises(SurgeryError, match="already exists"):
+                es.save_patched(
+                    converted.model, "a.safetensors", converted.plan, model_kwargs={"num_classes": 7}
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        for _ in range(2):
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(before[2])
+    assert errors == []
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before[:2]
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
+    assert (os.stat("a.safetensors").st_mode & 0o777) == 0o640
