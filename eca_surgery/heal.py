@@ -19,6 +19,7 @@ import math
 import os
 import re
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +34,10 @@ from torch import nn
 
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
-from .errors import StoppedBySignal, SurgeryError
-from .models import build_with_weights, input_size
+from .errors import CheckpointError, StoppedBySignal, SurgeryError
+from .models import build_with_weights, check_seed, input_size
 from .outputs import check_outputs_apart, staged_file
+from .paths import stat_input
 from .weights import read_state_dict
 
 TRAIN = ("eca", "norm", "all")
@@ -59,6 +61,7 @@ class HealSettings:
     def check(self) -> None:
         if self.train not in TRAIN:
             raise SurgeryError(f"Unknown --train {self.train!r}; choose one of: {', '.join(TRAIN)}.")
+        check_seed(self.seed)
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SurgeryError(
@@ -590,7 +593,8 @@ def _check_outputs(
     ``resume`` replaces) and its optimizer state, in a writable folder with room for a
     checkpoint as large as the patched one."""
     patched = Path(patched_path)
-    size = patched.stat().st_size if patched.is_file() else None
+    st = stat_input(patched, "Checkpoint", CheckpointError)
+    size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
     check_output(output, force or resume, size)
     check_output(state_path(output), True)
     check_outputs_apart(

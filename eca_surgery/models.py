@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -176,6 +177,12 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "img_size": _either(_SIDE, _list_of(_SIDE, 2, 2, f"[height, width], each 1 to {MAX_SIDE}")),
     "pretrained_cfg_overlay": _overlay,
 }
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed that is not an integer torch can take (-2**63 to 2**64 - 1)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
+        raise SurgeryError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {str(seed)[:40]}.")
 
 
 def check_model_kwargs(kwargs: Any, where: str, error: type[SurgeryError] = SurgeryError) -> dict[str, Any]:

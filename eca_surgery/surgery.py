@@ -20,7 +20,15 @@ from .detect import SEBlock, find_se_blocks
 from .errors import SurgeryError
 from .flops import count_macs_or_reason
 from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
-from .models import build_with_weights, check_fits, check_model_kwargs, create_model, input_size, shapes_of
+from .models import (
+    build_with_weights,
+    check_fits,
+    check_model_kwargs,
+    check_seed,
+    create_model,
+    input_size,
+    shapes_of,
+)
 from .native import check_native, find_native
 from .plan import Plan, count_params, make_plan
 from .recipe import Recipe, load_recipe
@@ -160,6 +168,7 @@ def convert(
     """
     check_model_kwargs(model_kwargs, "model kwargs")
     recipe = as_recipe(recipe)
+    check_seed(seed)
     if init not in INITS:
         raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
     if init == "default" and calib_data is not None:

@@ -119,3 +119,28 @@ def test_save_and_load_from_a_thread_twice_leaves_process_state(converted, tmp_p
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before[:2]
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
     assert (os.stat("a.safetensors").st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**64), 1.5, "0", True])
+def test_a_seed_torch_cannot_take_is_a_surgery_error(seed):
+    with pytest.raises(SurgeryError, match="--seed must be an integer"):
+        es.convert("seresnet18", "se-to-eca", seed=seed, check=False, flops=False, timm_native=False)
+
+
+def test_a_numpy_seed_is_taken():
+    import numpy as np
+
+    es.convert("seresnet18", "se-to-eca", seed=np.int64(3), check=False, flops=False, timm_native=False)
+
+
+def test_heal_refuses_a_huge_seed_and_an_unreadable_input(tmp_path):
+    from eca_surgery.heal import HealSettings, heal
+
+    with pytest.raises(SurgeryError, match="--seed must be an integer"):
+        HealSettings(seed=2**64).check()
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    with pytest.raises(SurgeryError, match="File name too long"):
+        heal(tmp_path / LONG, tmp_path / "img", tmp_path / "out.safetensors")
