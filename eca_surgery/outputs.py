@@ -44,7 +44,16 @@ _TMP_NAME = re.compile(r"\.(?P<name>.+)" + re.escape(TMP_TAG) + r"(?P<pid>\d+)-[
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
+    """The process's umask: read from /proc where the kernel shows it (Linux 4.7+), else by
+    setting and restoring it, which leaves a moment where another thread's new files get
+    umask 0 (so that is only the fallback)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return umask

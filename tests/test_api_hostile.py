@@ -144,3 +144,22 @@ def test_heal_refuses_a_huge_seed_and_an_unreadable_input(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
     with pytest.raises(SurgeryError, match="File name too long"):
         heal(tmp_path / LONG, tmp_path / "img", tmp_path / "out.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the kernel shows no umask in /proc")
+def test_saving_never_sets_the_umask(converted, tmp_path, monkeypatch):
+    """os.umask(0) to read the umask would give another thread's new files mode 0666 for
+    that moment; where /proc shows the umask it is read from there."""
+    from eca_surgery.outputs import current_umask
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask was called"))
+        assert current_umask() == 0o027
+        path = es.save_patched(
+            converted.model, tmp_path / "m.safetensors", converted.plan, model_kwargs={"num_classes": 7}
+        )
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
