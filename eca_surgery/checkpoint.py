@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .jsontext import loads_strict
 from .models import (
     check_fits,
     check_kinds,
@@ -193,12 +194,13 @@ def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict
     try:
         name, kwargs, recipe = (
             metadata["model"],
-            json.loads(metadata["model_kwargs"]),
-            json.loads(metadata["recipe"]),
+            loads_strict(metadata["model_kwargs"]),
+            loads_strict(metadata["recipe"]),
         )
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"{str(path)!r} has damaged eca-surgery metadata ({exc!r}); re-export it."
+            f"{str(path)!r} has damaged eca-surgery metadata ({type(exc).__name__}: {str(exc)[:100]}); "
+            "re-export it."
         ) from None
     if not isinstance(name, str) or not name or ":" in name:
         raise CheckpointError(

@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import StoppedBySignal, SurgeryError, sample_keys
+from .jsontext import loads_strict
 
 app = typer.Typer(
     name="eca-surgery",
@@ -86,9 +87,11 @@ def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
                 "or pretrained_cfg_overlay='{\"input_size\": [3, 64, 64]}'."
             )
         try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+            kwargs[key.strip()] = loads_strict(value)
+        except json.JSONDecodeError:  # not JSON at all: a plain string
             kwargs[key.strip()] = value
+        except ValueError as exc:  # JSON, but too deep, with duplicate keys or a huge integer
+            raise SurgeryError(f"--model-arg {item[:60]!r}: {exc}; give a plain JSON value.") from None
     from .models import check_model_kwargs
 
     return check_model_kwargs(kwargs, "--model-arg")

@@ -14,7 +14,6 @@ share of every batch (DistributedDataParallel) and process 0 writes the files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from torch import nn
 from .checkpoint import Patched, check_output, open_patched, save_patched
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
+from .jsontext import loads_strict
 from .models import build_with_weights, check_seed, input_size
 from .outputs import check_outputs_apart, staged_file
 from .paths import stat_input
@@ -227,8 +227,8 @@ def _heal_record(output: Path, text: str) -> dict[str, Any] | None:
         "--output)."
     )
     try:
-        heal = json.loads(text)
-    except (ValueError, RecursionError):
+        heal = loads_strict(text)
+    except (ValueError, TypeError):
         raise bad from None
     if heal is None:
         return None
@@ -564,7 +564,7 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
         "loss_first": history.get("loss_first", result.losses[0] if result.losses else None),
     }
     p = result.patched
-    init = json.loads(p.metadata.get("init", '{"method": "default"}'))
+    init = _metadata_json(p, "init", {"method": "default"})
     with staged_file(state_path(output), force=True) as tmp:  # renamed into place after the checkpoint
         with open(tmp, "wb") as f:  # a file object, so that a failed write raises OSError
             torch.save({"step": result.step, "optimizer": opt.state_dict()}, f)
@@ -574,11 +574,21 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
             p.plan,
             model_kwargs=p.model_kwargs,
             source=p.metadata.get("source_weights", ""),
-            native=json.loads(p.metadata.get("timm_native", "null")),
+            native=_metadata_json(p, "timm_native", None),
             init=init,
             heal=history,
             force=True,
         )
+
+
+def _metadata_json(patched: Patched, key: str, default: Any) -> Any:
+    """The JSON object stored under ``key`` in ``patched``'s metadata (only a record kept
+    along), or ``default`` where it is missing or damaged."""
+    try:
+        value = loads_strict(patched.metadata[key])
+    except (KeyError, TypeError, ValueError):
+        return default
+    return value if isinstance(value, dict) else default
 
 
 def _check_outputs(

@@ -163,3 +163,49 @@ def test_saving_never_sets_the_umask(converted, tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def saved(converted, tmp_path_factory):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("saved") / "p.safetensors"
+    es.save_patched(converted.model, path, converted.plan, model_kwargs=converted.model_kwargs)
+    with safe_open(str(path), "pt") as f:
+        return load_file(str(path)), f.metadata()
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("model_kwargs", "[" * 100000 + "]" * 100000),
+        ("recipe", '{"a":' * 100000 + "1" + "}" * 100000),
+        ("model_kwargs", '{"num_classes": ' + "9" * 5000 + "}"),
+        ("model_kwargs", '{"num_classes": 7, "num_classes": 1000}'),
+        ("recipe", '{"version": 1, "version": 1}'),
+        ("model_kwargs", "{" + ", ".join(f'"k{i}": 0' for i in range(100000)) + ', "k0": 1}'),
+    ],
+    ids=["deep-kwargs", "deep-recipe", "huge-int", "duplicate-kwarg", "duplicate-recipe-key", "many-keys"],
+)
+def test_damaged_metadata_json_is_a_surgery_error(saved, tmp_path, key, text):
+    import time
+
+    from safetensors.torch import save_file
+
+    tensors, metadata = saved
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, key: text})
+    start = time.monotonic()
+    with pytest.raises(SurgeryError, match="damaged eca-surgery metadata"):
+        es.load_patched(path)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("value", ["[" * 100000, "[" * 100000 + "]" * 100000, "9" * 5000, '{"a": 1, "a": 2}'])
+def test_cli_model_arg_json_that_python_cannot_read_is_an_error(tmp_path, value):
+    from cli_helpers import run_fail
+
+    assert "--model-arg" in run_fail(
+        ["inspect", "seresnet18", "--model-arg", f"pretrained_cfg_overlay={value}"], tmp_path
+    )
