@@ -22,6 +22,7 @@ from torch import nn
 
 from .detect import qualified_name
 from .eca import make_eca
+from .errors import SurgeryError
 from .locate import is_plain_sequential
 from .plan import Edit, Plan
 
@@ -40,6 +41,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     New ECA weights get PyTorch's default Conv1d initialisation, on the device and in
     the dtype of the model's weights (nothing is allocated on the meta device).
     """
+    check_applicable(model, plan)
     ref = next(model.parameters())
     for edit in plan.edits:
         eca = make_eca(
@@ -57,6 +59,34 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         else:
             _insert(model, edit, eca)
     return model
+
+
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def check_applicable(model: nn.Module, plan: Plan) -> None:
+    """Refuse, before anything is changed, a ``plan`` that was made for another model or was
+    already applied to this one (a second insert would run two ECA blocks in a row)."""
+    for edit in plan.edits:
+        target = _module(model, edit.path)
+        if edit.position == "in-place":
+            found = None if target is None else qualified_name(type(target))
+            ok = found == edit.old_class
+        elif edit.position == "slot":
+            parent = _module(model, edit.path.rpartition(".")[0])
+            ok = parent is not None and (target is None or type(target) is nn.Identity)
+        else:
+            ok = target is not None and _module(model, edit.eca_path) is None
+        if not ok:
+            raise SurgeryError(
+                f"apply_plan: the plan does not fit this model at {edit.path!r} (the plan was made for another "
+                "model, or was already applied to this one); nothing was changed. Make the plan on the "
+                "model it is applied to, with make_plan, and apply it once."
+            )
 
 
 def _check_class(model: nn.Module, edit: Edit) -> None:

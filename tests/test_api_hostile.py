@@ -209,3 +209,25 @@ def test_cli_model_arg_json_that_python_cannot_read_is_an_error(tmp_path, value)
     assert "--model-arg" in run_fail(
         ["inspect", "seresnet18", "--model-arg", f"pretrained_cfg_overlay={value}"], tmp_path
     )
+
+
+@pytest.mark.parametrize(
+    "name, recipe, other",
+    [("seresnet18", "se-to-eca", "resnet18"), ("resnet18", "eca-after-stages", "efficientnet_b0")],
+)
+def test_apply_plan_refuses_a_second_apply_and_another_model(name, recipe, other):
+    """A second apply of an insert plan used to add a second hook silently: the model then
+    ran two ECA blocks in a row, one of them not in its state_dict."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    plan = es.make_plan(model, es.load_recipe(recipe), name)
+    es.apply_plan(model, plan)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(SurgeryError, match="already applied"):
+        es.apply_plan(model, plan)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert model.state_dict().keys() == before.keys()
+    with pytest.raises(SurgeryError, match="made for another"):
+        es.apply_plan(timm.create_model(other, pretrained=False), plan)
