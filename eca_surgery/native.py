@@ -11,14 +11,13 @@ shapes, and every ECA uses the sigmoid gate of timm's ``EcaModule``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import safetensors_io_errors
+from .checkpoint import safetensors_io_errors, tensor_bytes
 from .errors import SurgeryError
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
@@ -31,10 +30,13 @@ NOT_NATIVE = (
 )
 
 
-def timm_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
-    """The kernel size timm's ``EcaModule(channels)`` uses: the adaptive rule with its floor of 3."""
-    t = int(abs(math.log(channels, 2) + beta) / gamma)
-    return max(t if t % 2 else t + 1, 3)
+def timm_kernel_size(channels: int) -> int:
+    """The kernel size timm's ``EcaModule(channels)`` uses (the adaptive rule with gamma=2,
+    b=1 and its floor of 3), read from the module timm builds, on the meta device."""
+    from timm.layers import EcaModule
+
+    with torch.device("meta"):
+        return EcaModule(channels).conv.kernel_size[0]
 
 
 def native_obstacle(plan: Plan) -> str | None:
@@ -146,7 +148,7 @@ def save_timm_dir(
 
     model = build_native(native)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    size = tensor_bytes(state_dict)
     model_args = json.loads(json.dumps(native["kwargs"]))
 
     def write(tmp: Path) -> None:

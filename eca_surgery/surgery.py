@@ -17,7 +17,7 @@ from torch import nn
 from .apply import apply_plan
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks
-from .errors import SurgeryError
+from .errors import SurgeryError, summary
 from .flops import count_macs_or_reason
 from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
@@ -183,8 +183,11 @@ def convert(
     meta = create_model(model_name, meta=True, **model_kwargs).eval()
     plan = make_plan(meta, recipe, model_name)
     _check_init(init, meta, plan)
+    native = None
     if require_native:
-        check_native(model_name, model_kwargs, create_model(model_name, meta=True, **model_kwargs), plan)
+        native = check_native(
+            model_name, model_kwargs, create_model(model_name, meta=True, **model_kwargs), plan
+        )
     if on_plan is not None:
         on_plan(plan)
     if calib_data is not None and input_size(meta)[0] != 3:
@@ -196,7 +199,8 @@ def convert(
         if path is not None and strict:
             check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
         macs = macs_before_after(meta, plan, count=flops)
-        native = find_native(model_name, model_kwargs, meta, plan) if timm_native else None
+        if timm_native and native is None:
+            native = find_native(model_name, model_kwargs, meta, plan)
         return Conversion(meta, plan, model_kwargs, source, None, macs, native)
 
     expected = _meta_output_shape(meta) if check else None  # before any work: can the model run at all?
@@ -228,7 +232,8 @@ def convert(
         if check:
             result = forward_check(model, _sample_input(model, seed))
             result["output_shape_at_default_size"] = expected
-    native = find_native(model_name, model_kwargs, model, plan) if timm_native else None
+    if timm_native and native is None:  # found already when ``require_native``
+        native = find_native(model_name, model_kwargs, model, plan)
     return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded, init_report)
 
 
@@ -274,8 +279,7 @@ def _run(model: nn.Module, x: torch.Tensor):
     try:
         return model(x)
     except Exception as exc:  # noqa: BLE001 - any error here means the model as built cannot run
-        text = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+        reason = summary(exc, 300)
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         raise SurgeryError(
             f"The model {name} cannot run on a {'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')} "
