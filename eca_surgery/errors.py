@@ -7,6 +7,13 @@ def sample_keys(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def summary(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut to ``limit``), to quote an unexpected error
+    from torch or timm in a one-paragraph message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
 class SurgeryError(Exception):
     """A problem with the user's input: the message names it and says how to fix it.
 

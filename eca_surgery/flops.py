@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import summary
 from .models import input_size
 
 
@@ -35,9 +36,7 @@ def count_macs_or_reason(
         with counter:
             model(x)
     except Exception as exc:  # noqa: BLE001 - some ops have no meta kernel; a report without FLOPs is still useful
-        text = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-        return None, f"the model could not run on a {'x'.join(map(str, x.shape))} input ({why})"
+        return None, f"the model could not run on a {'x'.join(map(str, x.shape))} input ({summary(exc)})"
     finally:
         for m, mode in training.items():
             m.training = mode

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SurgeryError, sample_keys
+from .errors import CheckpointError, SurgeryError, sample_keys, summary
 
 
 def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
@@ -37,13 +37,8 @@ def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - timm raises any type for kwargs a model cannot take
         raise SurgeryError(
-            f"timm could not build {name!r} with {kwargs}: {_reason(exc)}.{_feature_hint(name, kwargs)}"
+            f"timm could not build {name!r} with {kwargs}: {summary(exc, 300)}.{_feature_hint(name, kwargs)}"
         ) from None
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _feature_hint(name: str, kwargs: Mapping[str, Any]) -> str:
