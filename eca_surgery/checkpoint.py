@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,88 @@ FORMAT = "eca-surgery"
 FORMAT_VERSION = "1"
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a patched checkpoint's weights came from and how its new weights were made:
+    the source weights, the timm-native variant (if timm builds the model itself), the
+    ``init`` record and, once healed, the ``heal`` record."""
+
+    source: str = ""
+    native: dict[str, Any] | None = None
+    init: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
+    heal: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The versions of eca-surgery, timm and torch that wrote a checkpoint (None: not recorded)."""
+
+    eca_surgery: str | None = None
+    timm: str | None = None
+    torch: str | None = None
+
+    @classmethod
+    def current(cls) -> Versions:
+        import timm
+
+        from . import __version__
+
+        return cls(__version__, timm.__version__, torch.__version__)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a patched checkpoint says of itself: the source model and its kwargs, the plan
+    (the recipe and the edits it made), the provenance, and the versions that wrote it."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    plan: Plan
+    provenance: Provenance = field(default_factory=Provenance)
+    versions: Versions = field(default_factory=Versions)
+
+    @classmethod
+    def of(
+        cls, plan: Plan, model_kwargs: dict[str, Any], provenance: Provenance | None = None
+    ) -> CheckpointRecord:
+        """The record of a model converted by ``plan``, to be written now (current versions)."""
+        return cls(plan.model, dict(model_kwargs), plan, provenance or Provenance(), Versions.current())
+
+    def to_metadata(self) -> dict[str, str]:
+        """The record as safetensors metadata (all strings)."""
+        return make_metadata(
+            self.plan,
+            self.model_kwargs,
+            self.provenance.source,
+            self.provenance.native,
+            self.provenance.init,
+            self.provenance.heal,
+        )
+
+    def with_heal(self, heal: dict[str, Any]) -> CheckpointRecord:
+        """This record with ``heal`` as its heal record, written with the current versions."""
+        return replace(self, provenance=replace(self.provenance, heal=heal), versions=Versions.current())
+
+
 @dataclass
 class Patched:
     """A patched model rebuilt from a checkpoint, with what the checkpoint says of it."""
 
     model: nn.Module
-    plan: Plan
-    model_name: str
-    model_kwargs: dict[str, Any]
+    record: CheckpointRecord
     metadata: dict[str, str]
+
+    @property
+    def plan(self) -> Plan:
+        return self.record.plan
+
+    @property
+    def model_name(self) -> str:
+        return self.record.model
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return self.record.model_kwargs
 
 
 def make_metadata(
@@ -94,6 +167,19 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def write_checkpoint(
+    model: nn.Module, path: str | Path, record: CheckpointRecord, force: bool = False
+) -> Path:
+    """Write ``model``'s state_dict with ``record`` as metadata to ``path`` atomically,
+    after checking that the record rebuilds exactly these tensors."""
+    tensors = _unshared(model.state_dict())
+    check_rebuildable(tensors, record.plan, record.model_kwargs)
+    metadata = record.to_metadata()
+    return atomic_write_file(
+        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
+    )
+
+
 def save_patched(
     model: nn.Module,
     path: str | Path,
@@ -112,12 +198,8 @@ def save_patched(
     place (see ``eca_surgery.outputs``), so an interrupted or failed write never leaves a
     partial checkpoint and never damages the old one; a replaced file keeps its mode.
     """
-    tensors = _unshared(model.state_dict())
-    check_rebuildable(tensors, plan, model_kwargs or {})
-    metadata = make_metadata(plan, model_kwargs or {}, source, native, init, heal)
-    return atomic_write_file(
-        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
-    )
+    provenance = Provenance(source, native, init or {"method": "default"}, heal)
+    return write_checkpoint(model, path, CheckpointRecord.of(plan, model_kwargs or {}, provenance), force)
 
 
 def check_rebuildable(tensors: dict[str, torch.Tensor], plan: Plan, model_kwargs: dict[str, Any]) -> None:
@@ -230,7 +312,32 @@ def open_patched(path: str | Path) -> Patched:
     check_kinds(model, tensors, what)
     load_into(model, tensors)
     model.eval()
-    return Patched(model, plan, name, kwargs, metadata)
+    record = CheckpointRecord(name, kwargs, plan, _provenance(metadata), _versions(metadata))
+    return Patched(model, record, metadata)
+
+
+def _json_record(metadata: dict[str, str], key: str, default: Any) -> Any:
+    """The JSON object stored under ``key`` (a record kept along, not needed to rebuild the
+    model), or ``default`` where it is missing or damaged."""
+    try:
+        value = loads_strict(metadata[key])
+    except (KeyError, TypeError, ValueError):
+        return default
+    return value if isinstance(value, dict) else default
+
+
+def _provenance(metadata: dict[str, str]) -> Provenance:
+    source = metadata.get("source_weights", "")
+    return Provenance(
+        source if isinstance(source, str) else "",
+        _json_record(metadata, "timm_native", None),
+        _json_record(metadata, "init", {"method": "default"}),
+        _json_record(metadata, "heal", None),
+    )
+
+
+def _versions(metadata: dict[str, str]) -> Versions:
+    return Versions(*(metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")))
 
 
 def load_patched(path: str | Path) -> nn.Module:

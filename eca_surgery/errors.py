@@ -1,4 +1,42 @@
-"""The one exception type the tool raises for bad input."""
+"""The exceptions the tool raises for bad input, and how their messages name parameters.
+
+Library messages speak Python: a parameter is written in backticks, alone (`` `calib_size` ``)
+or with a value as Python writes it (`` `init='fit-se'` ``, `` `strict=False` ``), so a
+notebook user reads the names they pass. The CLI rewrites those names to its flags with
+:func:`with_flags` (``--calib-size``, ``--init fit-se``, ``--non-strict``).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Mapping
+
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with each parameter it names (see the module docstring) that ``flags`` knows
+    rewritten as that flag: ``flags["init"] = "--init"`` turns `` `init='fit-se'` `` into
+    ``--init fit-se``; a key with a value (``"strict=False"``) maps that exact use, e.g. to
+    ``--non-strict``; ``=True`` of a known name is the bare flag. Other names stay as written."""
+
+    def rewrite(match: re.Match) -> str:
+        name, value = match[1], match[2]
+        if value is not None and f"{name}={value}" in flags:
+            return flags[f"{name}={value}"]
+        flag = flags.get(name)
+        if flag is None:
+            return match[0]
+        if value is None or value == "True":
+            return flag
+        try:
+            shown = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            shown = value
+        return f"{flag} {shown}"
+
+    return _PARAM.sub(rewrite, message)
 
 
 def sample_keys(keys: list[str], n: int = 5) -> str:

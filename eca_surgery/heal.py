@@ -564,7 +564,7 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
         "loss_first": history.get("loss_first", result.losses[0] if result.losses else None),
     }
     p = result.patched
-    init = _metadata_json(p, "init", {"method": "default"})
+    init = p.record.provenance.init
     with staged_file(state_path(output), force=True) as tmp:  # renamed into place after the checkpoint
         with open(tmp, "wb") as f:  # a file object, so that a failed write raises OSError
             torch.save({"step": result.step, "optimizer": opt.state_dict()}, f)
@@ -573,8 +573,8 @@ def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.
             output,
             p.plan,
             model_kwargs=p.model_kwargs,
-            source=p.metadata.get("source_weights", ""),
-            native=_metadata_json(p, "timm_native", None),
+            source=p.record.provenance.source,
+            native=p.record.provenance.native,
             init=init,
             heal=history,
             force=True,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from torch import nn
 
 from .detect import find_se_blocks, qualified_name
 from .eca import eca_kernel_size
+from .edits import ECA_CLASS, Edit, Gate, Position
 from .errors import RecipeError
 from .locate import (
     block_paths,
@@ -36,35 +36,9 @@ from .locate import (
 from .probe import probe
 from .recipe import Recipe, Rule, Selector, compile_glob, compile_regex, excerpt
 
-ECA_CLASS = "timm.layers.eca.EcaModule"
 INSERT_NAMES = {"after": "eca", "before": "eca_before"}
 _ATTN_NAMES = {"se", "se_module", "attn", "attention"}
 GATE_NAMES = {"Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Hardsigmoid": "hard_sigmoid"}
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One change to the model: a new ECA block at ``eca_path``, acting on module ``path``.
-
-    ``position`` is ``in-place`` (replaces ``path``), ``slot`` (fills the empty attention
-    slot ``path``), ``after`` or ``before`` (runs on the output or input of ``path``).
-    """
-
-    path: str
-    action: str
-    position: str
-    eca_path: str
-    old_class: str
-    new_class: str
-    channels: int
-    kernel_size: int
-    gate: str
-    params_before: int
-    params_after: int
-    rule: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -261,13 +235,13 @@ class _Planner:
         return Edit(
             path=path,
             action=rule.action,
-            position=position,
+            position=Position(position),
             eca_path=eca_path,
             old_class=qualified_name(type(module)) if module is not None else "None",
             new_class=ECA_CLASS,
             channels=channels,
             kernel_size=k,
-            gate=self.gate(rule.eca.gate, path),
+            gate=Gate(self.gate(rule.eca.gate, path)),
             params_before=count_params(module)
             if position in ("in-place", "slot") and module is not None
             else 0,

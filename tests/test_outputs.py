@@ -346,12 +346,12 @@ def test_heal_checks_its_outputs_before_any_work(tmp_path, monkeypatch):
 
 def test_heal_state_write_failure_leaves_no_temporary(tmp_path, monkeypatch, conversion):
     import eca_surgery.heal as heal
-    from eca_surgery.checkpoint import Patched
+    from eca_surgery.checkpoint import CheckpointRecord, Patched
 
     out = tmp_path / "healed.safetensors"
     save_patched(conversion.model, out, conversion.plan)
     old = out.read_bytes()
-    patched = Patched(conversion.model, conversion.plan, "seresnet18", {}, {})
+    patched = Patched(conversion.model, CheckpointRecord.of(conversion.plan, {}), {})
     result = heal.HealResult(patched, heal.HealSettings(), 0, 1, losses=[1.0])
     opt = torch.optim.AdamW(conversion.model.parameters())
     real_save = torch.save
