@@ -1,0 +1,53 @@
+"""The choices the API's options take, as enums: how new kernels start, what heal trains,
+how scan orders its rows.
+
+They are plain ``str`` enums (``Init.FIT_SE == "fit-se"``), so a notebook user may pass
+the string, and this module imports neither torch nor timm, so the CLI can use them in its
+signatures and still start instantly.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Init(str, Enum):
+    """How the new ECA kernels start (see ``eca_surgery.init``)."""
+
+    DEFAULT = "default"  # PyTorch's Conv1d initialisation, seeded
+    FIT_SE = "fit-se"  # a least-squares fit to the SE block each one replaces
+    IDENTITY = "identity"  # inserted blocks start as the identity (zero kernel, 2*sigmoid gate)
+
+    __str__ = str.__str__
+
+
+class Train(str, Enum):
+    """What ``heal`` trains."""
+
+    ECA = "eca"  # the new ECA kernels only
+    NORM = "norm"  # those and every normalisation layer (with its running statistics)
+    ALL = "all"  # every parameter
+
+    __str__ = str.__str__
+
+
+class Sort(str, Enum):
+    """How ``scan`` orders its rows."""
+
+    SAVING = "saving"
+    SAVING_PCT = "saving-pct"
+    PARAMS = "params"
+    NAME = "name"
+
+    __str__ = str.__str__
+
+
+def choice(enum: type[Enum], value: object, param: str) -> Enum:
+    """``value`` as a member of ``enum``; a SurgeryError naming ``param`` and the choices."""
+    from .errors import SurgeryError
+
+    try:
+        return enum(value)
+    except ValueError:
+        names = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
+        raise SurgeryError(f"Unknown `{param}` {str(value)[:60]!r}; choose one of: {names}.") from None
