@@ -32,11 +32,7 @@ from pathlib import Path
 WORKER = r"""
 import json, resource, sys, time
 import torch, timm, safetensors.torch
-import eca_surgery
-from eca_surgery.apply import apply_plan
-from eca_surgery.plan import make_plan
-from eca_surgery.recipe import load_recipe
-from eca_surgery.surgery import convert
+from eca_surgery import apply_plan, convert, load_recipe, make_plan
 
 path, name, ckpt, out = sys.argv[1:5]
 recipe = load_recipe("se-to-eca")
@@ -50,7 +46,7 @@ if path == "naive":
 elif path in ("ours", "ours-core"):
     full = path == "ours"
     result = convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full)
-    eca_surgery.save_patched(result.model, out, result.plan, force=True)
+    result.save(out, force=True)
 else:
     safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)
 seconds = time.perf_counter() - t0

@@ -26,9 +26,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from eca_surgery.eca import make_eca
-from eca_surgery.recipe import load_recipe
-from eca_surgery.surgery import convert
+from eca_surgery import convert, load_recipe, make_eca
 
 SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 

@@ -211,10 +211,7 @@ def experiment(
     work: Path, name: str, recipe: str, inits: tuple[str, ...], heal_points: list[int], heal_args: dict
 ) -> dict[str, Any]:
     """Convert trained ``name`` with each init, then heal it, evaluating on the test folder at each point."""
-    from eca_surgery.checkpoint import save_patched
-    from eca_surgery.heal import HealSettings, heal
-    from eca_surgery.recipe import load_recipe
-    from eca_surgery.surgery import convert
+    from eca_surgery import HealSettings, convert, heal, load_recipe
 
     kwargs = json.loads((work / f"{name}.json").read_text())
     source = work / f"{name}.safetensors"
@@ -241,10 +238,7 @@ def experiment(
             **calib,
             **kwargs,
         )
-        patched = save_patched(
-            conv.model, work / f"{name}-{init}.safetensors", conv.plan, model_kwargs=kwargs, source=str(source),
-            init=conv.init, force=True,
-        )  # fmt: skip
+        patched = conv.save(work / f"{name}-{init}.safetensors", force=True)
         curve = [{"steps": 0, **evaluate(conv.model, x_test, y_test, reference), "seconds": 0.0}]
         if init == "default":  # default init is random: how much does the seed matter?
             seeds = [curve[0]] + [

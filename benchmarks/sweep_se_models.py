@@ -25,12 +25,23 @@ from pathlib import Path
 import timm
 import torch
 
-from eca_surgery.apply import apply_plan
-from eca_surgery.detect import find_se_blocks
-from eca_surgery.models import create_model, input_size
-from eca_surgery.native import find_native
-from eca_surgery.plan import make_plan
-from eca_surgery.scan import SE_TO_ECA
+from eca_surgery import apply_plan, find_native, find_se_blocks, load_recipe, make_plan
+
+SE_TO_ECA = load_recipe("se-to-eca")
+
+
+def create_model(name: str, meta: bool = False) -> torch.nn.Module:
+    """timm's model, on the meta device (no weights allocated) when ``meta``."""
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False)
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    """The model's default input size (C, H, W) from its pretrained config."""
+    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
+
 
 RESULTS = Path(__file__).parent / "results"
 FIELDS = [

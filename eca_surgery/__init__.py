@@ -1,34 +1,155 @@
 """eca-surgery: replace Squeeze-and-Excitation blocks of timm models with ECA, or add ECA.
 
-The package's top level imports neither torch nor timm, so the CLI starts fast;
-the names below load their modules on first use.
+The public API is the names in ``__all__``: convert a model (``convert``), save and
+reload it (``Conversion.save``, ``load_patched``), check a file (``verify``), heal it
+(``heal``), and the layers below (``load_recipe``, ``make_plan``, ``apply_plan``) with
+their records and errors. The package's top level imports neither torch nor timm, so
+the CLI starts fast: each name loads its module on first use.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
+# name -> the module that defines it
 _LAZY = {
-    "load_patched": "checkpoint",
-    "save_patched": "checkpoint",
-    "convert": "surgery",
+    # jobs
     "inspect": "surgery",
+    "convert": "surgery",
+    "verify": "surgery",
+    "heal": "heal",
+    "load_patched": "checkpoint",
+    "open_patched": "checkpoint",
+    "save_patched": "checkpoint",
+    # layers: recipe -> plan -> apply
     "load_recipe": "recipe",
     "parse_recipe": "recipe",
+    "bundled_recipes": "recipe",
+    "recipe_schema": "recipe",
     "make_plan": "plan",
+    "count_params": "plan",
     "apply_plan": "apply",
     "find_se_blocks": "detect",
+    "find_native": "native",
     "make_eca": "eca",
     "eca_kernel_size": "eca",
+    # results and records
+    "Inspection": "surgery",
+    "Conversion": "surgery",
+    "HealSettings": "heal",
+    "HealResult": "heal",
+    "Patched": "checkpoint",
+    "CheckpointRecord": "checkpoint",
+    "Provenance": "checkpoint",
+    "Versions": "checkpoint",
+    "Plan": "plan",
+    "Edit": "edits",
+    "Position": "edits",
+    "Gate": "edits",
+    "Recipe": "recipe",
+    "Rule": "recipe",
+    "Selector": "recipe",
+    "EcaOptions": "recipe",
+    "SEBlock": "detect",
+    "Init": "choices",
+    "Train": "choices",
+    "Sort": "choices",
+    # errors
     "SurgeryError": "errors",
+    "RecipeError": "errors",
+    "CheckpointError": "errors",
+    "StoppedBySignal": "errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "inspect",
+    "convert",
+    "verify",
+    "heal",
+    "load_patched",
+    "open_patched",
+    "save_patched",
+    "load_recipe",
+    "parse_recipe",
+    "bundled_recipes",
+    "recipe_schema",
+    "make_plan",
+    "count_params",
+    "apply_plan",
+    "find_se_blocks",
+    "find_native",
+    "make_eca",
+    "eca_kernel_size",
+    "Inspection",
+    "Conversion",
+    "HealSettings",
+    "HealResult",
+    "Patched",
+    "CheckpointRecord",
+    "Provenance",
+    "Versions",
+    "Plan",
+    "Edit",
+    "Position",
+    "Gate",
+    "Recipe",
+    "Rule",
+    "Selector",
+    "EcaOptions",
+    "SEBlock",
+    "Init",
+    "Train",
+    "Sort",
+    "SurgeryError",
+    "RecipeError",
+    "CheckpointError",
+    "StoppedBySignal",
+]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
+    from .apply import apply_plan
+    from .checkpoint import (
+        CheckpointRecord,
+        Patched,
+        Provenance,
+        Versions,
+        load_patched,
+        open_patched,
+        save_patched,
+    )
+    from .choices import Init, Sort, Train
+    from .detect import SEBlock, find_se_blocks
+    from .eca import eca_kernel_size, make_eca
+    from .edits import Edit, Gate, Position
+    from .errors import CheckpointError, RecipeError, StoppedBySignal, SurgeryError
+    from .heal import HealResult, HealSettings, heal
+    from .native import find_native
+    from .plan import Plan, count_params, make_plan
+    from .recipe import (
+        EcaOptions,
+        Recipe,
+        Rule,
+        Selector,
+        bundled_recipes,
+        load_recipe,
+        parse_recipe,
+        recipe_schema,
+    )
+    from .surgery import Conversion, Inspection, convert, inspect, verify
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
