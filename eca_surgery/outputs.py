@@ -17,6 +17,9 @@ Rules every output of the tool follows:
   KeyboardInterrupt, and SIGTERM where the CLI turns it into one). Temporaries left by
   a killed process (SIGKILL) are removed by the next write to the same place; those of
   a live process are left alone.
+* Every file goes through :func:`atomic_write_file` (folders through
+  :func:`atomic_write_dir`). Files that must agree with each other are written inside
+  :func:`written_together`: all of them are renamed into place as it ends, or none is.
 """
 
 from __future__ import annotations

@@ -412,6 +412,29 @@ def test_a_failed_heal_save_replaces_neither_file_and_leaves_no_temporary(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_files_written_together_are_all_replaced_or_none(tmp_path):
+    from eca_surgery.outputs import atomic_write_file, written_together
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+
+    def fail(tmp):
+        raise RuntimeError("the second write fails")
+
+    with pytest.raises(RuntimeError), written_together():
+        atomic_write_file(a, lambda tmp: tmp.write_text("new a"), True)
+        assert a.read_text() == "old a"  # not renamed before the block ends
+        atomic_write_file(b, fail, True)
+    assert sorted(listing(tmp_path)) == ["a.txt"] and a.read_text() == "old a"
+    with written_together():
+        atomic_write_file(a, lambda tmp: tmp.write_text("new a"), True)
+        atomic_write_file(b, lambda tmp: tmp.write_text("new b"), False)
+    assert (a.read_text(), b.read_text()) == ("new a", "new b") and sorted(listing(tmp_path)) == [
+        "a.txt",
+        "b.txt",
+    ]
+
+
 # 14. signals and leftovers of killed runs
 
 
