@@ -117,9 +117,9 @@ def resume_point(
     heal = heal_record(output, metadata.get("heal", "null") or "null")
     if heal is None:
         raise SurgeryError(
-            f"`resume=True`: {str(output)!r} was not written by eca-surgery's heal, so there is nothing "
-            "to resume; drop `resume=True` (and pass `force=True` to overwrite it) or choose another "
-            "`output`."
+            f"`resume=True`: {str(output)!r} was not written by `eca-surgery heal`, so there is "
+            "nothing to resume; drop `resume=True` (and pass `force=True` to overwrite it) or choose "
+            "another `output`."
         )
     changed = [
         f"{k} {heal['settings'][k]} -> {settings[k]}"
