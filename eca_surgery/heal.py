@@ -6,8 +6,11 @@ their ``forward_features`` maps. Only the chosen parameters train: the new ECA
 kernels (``eca``), those and every normalisation layer, whose running statistics also
 update (``norm``), or everything (``all``). AdamW at a constant learning rate.
 
-Healing is resumable and deterministic: step ``s`` always sees the same images, and
-the output's metadata and its ``.heal-state.pt`` companion (optimizer moments) let a
+A run is prepared (:func:`prepare_heal`: inputs and outputs checked, the resume point,
+teacher, student, optimizer and batches made ready) and then trained (:func:`train`: the
+loop, saving, stop requests and divergence); :func:`heal` does both. Healing is
+resumable and deterministic: step ``s`` always sees the same images, and the output's
+metadata and its ``.heal-state.pt`` companion (optimizer moments, see ``resume``) let a
 run continue exactly where it stopped. Under ``torchrun`` each process takes its own
 share of every batch (DistributedDataParallel) and process 0 writes the files.
 """
@@ -15,71 +18,81 @@ share of every batch (DistributedDataParallel) and process 0 writes the files.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Patched, check_output, open_patched, save_patched
+from .checkpoint import Patched, open_patched, write_checkpoint
+from .choices import Train, choice
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
-from .jsontext import loads_strict
 from .models import build_with_weights, check_seed, input_size
-from .outputs import check_outputs_apart, staged_file
+from .outputs import check_file_output, check_outputs_apart, written_together
 from .paths import stat_input
+from .resume import check_resumable, load_optimizer, resume_point, state_path, write_state
 from .weights import read_state_dict
 
-TRAIN = ("eca", "norm", "all")
-# the settings a resumed run must share with the run it continues
-RESUME_KEYS = ("train", "lr", "batch_size", "seed", "temperature", "feature_weight", "weight_decay")
+__all__ = ["HealResult", "HealRun", "HealSettings", "heal", "prepare_heal", "state_path", "train"]
+
+OnStep = Callable[[int, int, float, float], None]
 
 
 @dataclass(frozen=True)
 class HealSettings:
-    """What a heal run trains, and how."""
+    """What a heal run trains, and how. Checked when made: a bad value is a SurgeryError
+    naming the parameter; ``train`` may be a :class:`~eca_surgery.choices.Train` or its string."""
 
     steps: int = 200
     lr: float = 1e-3
-    train: str = "norm"
+    train: Train = Train.NORM
     batch_size: int = 32
     temperature: float = 1.0
     feature_weight: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", choice(Train, self.train, "train"))
+        self.check()
+
     def check(self) -> None:
-        if self.train not in TRAIN:
-            raise SurgeryError(f"Unknown --train {self.train!r}; choose one of: {', '.join(TRAIN)}.")
+        """Refuse values a run cannot use, naming the parameter (e.g. `` `steps` ``)."""
+        choice(Train, self.train, "train")
         check_seed(self.seed)
         for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SurgeryError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}."
-                )
-        for name in ("lr", "temperature"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise SurgeryError(f"--{name} must be a positive finite number, got {getattr(self, name)}.")
-        for name in ("feature_weight", "weight_decay"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise SurgeryError(
-                    f"--{name.replace('_', '-')} must be a finite number of at least 0, got {getattr(self, name)}."
-                )
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise SurgeryError(f"`{name}` must be an integer, got {str(value)[:40]!r}.")
+            if value < 1:
+                raise SurgeryError(f"`{name}` must be at least 1, got {value}.")
+        for name, least in (("lr", None), ("temperature", None), ("feature_weight", 0), ("weight_decay", 0)):
+            value = getattr(self, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and (value > 0 if least is None else value >= least)):
+                what = "a positive finite number" if least is None else "a finite number of at least 0"
+                raise SurgeryError(f"`{name}` must be {what}, got {str(value)[:40]}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON values, as the heal record holds them."""
+        return asdict(self) | {"train": self.train.value}
 
 
 @dataclass
 class HealResult:
-    """A healed model and how its training went."""
+    """A healed model, how its training went, and the heal record written with it."""
 
     patched: Patched
     settings: HealSettings
@@ -87,11 +100,43 @@ class HealResult:
     step: int
     losses: list[float] = field(default_factory=list)
     images_per_s: float = 0.0
-    output: Path | None = None
     rank: int = 0
+    history: dict[str, Any] | None = None  # the heal record last saved (None: nothing saved yet)
 
     @property
     def model(self) -> nn.Module:
+        return self.patched.model
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the healed model with its heal record to ``path`` (a checkpoint that
+        ``load_patched`` loads; its optimizer state stays with the run's own output)."""
+        if self.history is None:
+            raise SurgeryError("This heal result has no saved step yet; train it before saving it.")
+        return write_checkpoint(self.model, path, self.patched.record.with_heal(self.history), force)
+
+
+@dataclass
+class HealRun:
+    """A heal run ready to train (see :func:`prepare_heal`); :func:`train` trains it once."""
+
+    patched: Patched  # the student: the patched model, on its device, trainable parts chosen
+    settings: HealSettings
+    output: Path
+    history: dict[str, Any]  # the heal record so far: origin, teacher, settings, trainable count
+    start: int  # the step training starts from (0, or that of the output being resumed)
+    resumed: bool
+    device: torch.device
+    net: nn.Module  # the student as features and logits (DistributedDataParallel under torchrun)
+    teacher: nn.Module  # the teacher as features and logits
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[torch.Tensor]
+    trainable: list[str]
+    save_every: int = 0
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def student(self) -> nn.Module:
         return self.patched.model
 
 
@@ -159,12 +204,6 @@ def distillation_loss(
     return loss
 
 
-def state_path(output: str | Path) -> Path:
-    """The companion file that holds a heal run's optimizer state."""
-    output = Path(output)
-    return output.with_name(output.name + ".heal-state.pt")
-
-
 def build_teacher(
     name: str, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
 ) -> tuple[nn.Module, str]:
@@ -175,7 +214,7 @@ def build_teacher(
     if checkpoint is not None:
         path, source = Path(checkpoint), str(checkpoint)
     else:
-        path, source = pretrained_file(name, "--teacher-checkpoint")
+        path, source = pretrained_file(name, "`teacher_checkpoint`")
     model, _ = build_with_weights(
         name, read_state_dict(path), f"Teacher checkpoint {str(path)!r}", **model_kwargs
     )
@@ -201,14 +240,14 @@ def pick_device(device: str | None) -> torch.device:
             dev = torch.device(device)
         except RuntimeError:
             raise SurgeryError(
-                f"--device {device!r} is not a device; use e.g. cpu, cuda or cuda:1."
+                f"`device` {device!r} is not a device; use e.g. cpu, cuda or cuda:1."
             ) from None
         if dev.type == "cuda" and (
             not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
         ):
             raise SurgeryError(
-                f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) that torch can "
-                "use; pick one of them or --device cpu."
+                f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) that torch "
+                "can use; pick one of them or `device='cpu'`."
             )
         return dev
     if torch.cuda.is_available():
@@ -218,101 +257,216 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _heal_record(output: Path, text: str) -> dict[str, Any] | None:
-    """The heal record of an earlier run's ``output`` (its ``heal`` metadata), checked for
-    the shape :func:`_resume_point` reads: None if there is none."""
-    bad = SurgeryError(
-        f"--resume: the heal record in {str(output)!r} is damaged or not one this eca-surgery wrote, "
-        "so the run cannot continue; start afresh from it as PATCHED without --resume (into another "
-        "--output)."
+def prepare_heal(
+    patched_path: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    teacher: str | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    settings: HealSettings = HealSettings(),
+    resume: bool = False,
+    force: bool = False,
+    save_every: int = 0,
+    device: str | None = None,
+    workers: int = 0,
+) -> HealRun:
+    """Make a heal run ready (see :func:`heal` for the parameters): check the settings,
+    inputs and outputs before any work, find the resume point, build the teacher, choose
+    what trains, and make the optimizer (with a resumed run's state) and the batches."""
+    settings.check()
+    check_loop_options(save_every, workers)
+    dev = pick_device(device)
+    output = Path(output)
+    rank, world = _distributed()
+    files = image_files(data)
+    _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
+    origin = _origin(patched_path, data, teacher, teacher_checkpoint)
+    patched, history, opt_state = _starting_point(patched_path, output, settings, origin, resume, teacher)
+    t_model, history["teacher_weights"] = _teacher_model(
+        patched, patched_path, history, teacher, teacher_checkpoint
     )
-    try:
-        heal = loads_strict(text)
-    except (ValueError, TypeError):
-        raise bad from None
-    if heal is None:
-        return None
-    settings = heal.get("settings") if isinstance(heal, dict) else None
-    step = heal.get("step") if isinstance(heal, dict) else None
-    if not isinstance(settings, dict) or any(k not in settings for k in RESUME_KEYS):
-        raise bad
-    if type(step) is not int or step < 0:
-        raise bad
-    return heal
+    _check_per_step(settings, len(files) // world)
+    student = patched.model.to(dev)
+    trainable = select_trainable(student, [e.eca_path for e in patched.plan.edits], settings.train)
+    optimizer = _optimizer(student, settings, opt_state, output)
+    history.update(settings=settings.to_dict(), trainable=len(trainable))
+    start = history["step"] if resume else 0
+    dataset = ImageFiles(files, data_config(student))
+    batches = training_batches(
+        dataset, settings.batch_size, settings.seed, start, rank, world, workers, dev.type == "cuda"
+    )
+    net: nn.Module = _FeaturesAndLogits(student)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    teacher_net = _FeaturesAndLogits(t_model.to(dev))
+    return HealRun(
+        patched, settings, output, history, start, resume, dev, net, teacher_net, optimizer, batches,
+        trainable, save_every, rank, world,
+    )  # fmt: skip
 
 
-def _read_state(state: Path) -> dict[str, Any]:
-    """Heal's optimizer state file (tensors and plain data only: ``weights_only``)."""
-    try:
-        opt = torch.load(state, weights_only=True, map_location="cpu")
-    except Exception as exc:  # pickle refusals, a damaged zip, an unreadable file...
+def _origin(
+    patched_path: str | Path, data: str | Path, teacher: str | None, teacher_checkpoint: str | Path | None
+) -> dict[str, str]:
+    """What a run starts from, which a resumed run must share: source, data and teacher."""
+    origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
+    if teacher is not None:
+        origin["teacher"] = teacher
+    if teacher_checkpoint is not None:
+        origin["teacher_weights"] = str(teacher_checkpoint)
+    return origin
+
+
+def _starting_point(
+    patched_path: str | Path,
+    output: Path,
+    settings: HealSettings,
+    origin: dict[str, str],
+    resume: bool,
+    teacher: str | None,
+) -> tuple[Patched, dict[str, Any], dict[str, Any] | None]:
+    """The model to train, the heal record so far and the optimizer state: the patched
+    checkpoint and a fresh record, or (``resume``) the earlier output, its record and state."""
+    if resume:
+        check_resumable(output)
+    patched = open_patched(output if resume else patched_path)
+    heal_meta, opt_state = (
+        resume_point(output, patched.metadata, settings.to_dict(), settings.steps, origin)
+        if resume
+        else (None, None)
+    )
+    _check_classifier(patched.model, str(patched_path))
+    if input_size(patched.model)[0] != 3:
         raise SurgeryError(
-            f"--resume: the optimizer state {str(state)!r} cannot be read safely "
-            f"({type(exc).__name__}); it is damaged, not one eca-surgery wrote, or holds more than "
-            "tensors and plain data. Start afresh without --resume (into another --output)."
-        ) from None
-    if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict):
-        raise SurgeryError(
-            f"--resume: the optimizer state {str(state)!r} is not one eca-surgery wrote. Start afresh "
-            "without --resume (into another --output)."
+            f"heal reads its images as RGB, but {str(patched_path)!r} takes {input_size(patched.model)[0]} "
+            "channel(s) (in_chans); heal it in your own training loop on inputs of that shape."
         )
+    return patched, heal_meta or {"teacher": teacher or patched.model_name, **origin}, opt_state
+
+
+def _teacher_model(
+    patched: Patched,
+    patched_path: str | Path,
+    history: dict[str, Any],
+    teacher: str | None,
+    checkpoint: str | Path | None,
+) -> tuple[nn.Module, str]:
+    """The teacher the heal record names and where its weights came from: ``checkpoint``,
+    the weights a resumed run began with, the file ``patched`` was converted from, or timm's."""
+    name = history["teacher"]
+    if checkpoint is None and "teacher_weights" in history and Path(history["teacher_weights"]).is_file():
+        checkpoint = history["teacher_weights"]  # resuming: the teacher the run began with
+    if checkpoint is None and teacher is None:
+        checkpoint = _source_file(patched, patched_path)
+    model, source = build_teacher(name, checkpoint, patched.model_kwargs)
+    _check_classifier(model, f"teacher {name!r}")
+    return model, source
+
+
+def _check_per_step(settings: HealSettings, per_process: int) -> None:
+    """Refuse BatchNorm training on steps of fewer than 2 images per process."""
+    per_step = min(settings.batch_size, per_process)
+    if settings.train != Train.ECA and per_step < 2:
+        raise SurgeryError(
+            f"Each step would see {per_step} image(s) per process, but `train='{settings.train.value}'` "
+            "updates BatchNorm statistics, which needs at least 2; add images, raise `batch_size`, or use "
+            "`train='eca'`."
+        )
+
+
+def _optimizer(
+    student: nn.Module, settings: HealSettings, state: dict[str, Any] | None, output: Path
+) -> torch.optim.Optimizer:
+    """AdamW over the student's trainable parameters, with a resumed run's saved ``state``."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if state is not None:
+        load_optimizer(opt, state["optimizer"], state_path(output))
     return opt
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
-    """Load a saved optimizer state into ``opt``, refusing one made for other parameters."""
-    bad = SurgeryError(
-        f"--resume: the optimizer state {str(path)!r} was saved for other parameters than the "
-        "model now trains; it does not go with this run. Start afresh without --resume (into "
-        "another --output)."
-    )
-    params = [p for group in opt.param_groups for p in group["params"]]
-    try:
-        opt.load_state_dict(state)
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError):
-        raise bad from None
-    for p in params:
-        for value in opt.state.get(p, {}).values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                raise bad
-    if any(not isinstance(v, dict) for v in opt.state.values()):
-        raise bad
-
-
-def _resume_point(
-    output: Path, metadata: dict[str, str], settings: HealSettings, origin: dict[str, str]
-) -> tuple[dict[str, Any], dict | None]:
-    """The heal record in the ``metadata`` of an earlier run's ``output``, and its optimizer state."""
-    heal = _heal_record(output, metadata.get("heal", "null") or "null")
-    if heal is None:
-        raise SurgeryError(
-            f"--resume: {str(output)!r} was not written by `eca-surgery heal`, so there is nothing to "
-            "resume; drop --resume (and pass --force to overwrite it) or choose another --output."
-        )
-    mine = asdict(settings)
-    changed = [
-        f"{k} {heal['settings'][k]} -> {mine[k]}" for k in RESUME_KEYS if heal["settings"][k] != mine[k]
+def train(run: HealRun, on_step: OnStep | None = None) -> HealResult:
+    """Train ``run`` up to ``run.settings.steps`` and write its output (also every
+    ``run.save_every`` steps, and on Ctrl-C or SIGTERM, which stop it between steps).
+    ``on_step(step, steps, loss, images_per_s)`` is called after every step (on process 0).
+    A loss or weights that stop being finite stop the run without saving them."""
+    result = HealResult(run.patched, run.settings, run.start, run.start, rank=run.rank)
+    saved: list[int] = [run.start] if run.resumed else []
+    watched = [p for p in run.student.parameters() if p.requires_grad] + [
+        b for m in run.student.modules() if m.training and is_norm(m) for b in m.buffers()
     ]
-    changed += [f"{k} {heal.get(k)!r} -> {v!r}" for k, v in origin.items() if heal.get(k) != v]
-    if changed:
-        raise SurgeryError(
-            f"--resume: {str(output)!r} was healed with other settings ({'; '.join(changed)}); resume "
-            "with the same settings, or start afresh into another --output."
-        )
-    if heal["step"] >= settings.steps:
-        raise SurgeryError(
-            f"--resume: {str(output)!r} has already been healed for {heal['step']} steps; "
-            f"pass --steps above {heal['step']} to train further."
-        )
-    state = state_path(output)
-    opt = _read_state(state) if state.is_file() else None
-    if opt is None or opt.get("step") != heal["step"]:
-        raise SurgeryError(
-            f"--resume: the optimizer state {str(state)!r} that goes with {str(output)!r} is missing or "
-            "from another step, so the run cannot continue exactly. Restore it, or start afresh from "
-            f"{str(output)!r} as PATCHED without --resume (into another --output)."
-        )
-    return heal, opt
+    steps, every = run.settings.steps, run.save_every
+    torch.manual_seed(run.settings.seed + run.start)
+    with _stop_requests() as stop:
+        for step in range(run.start, steps):
+            if stop:
+                _stop(run, result, stop[0], saved)
+            _train_step(run, result, step, watched, _last(saved))
+            if on_step is not None and run.rank == 0:
+                on_step(result.step, steps, result.losses[-1], result.images_per_s)
+            if every and result.step % every == 0 and result.step < steps:
+                _save_progress(run, result, saved)
+    _save_progress(run, result, saved)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every process returns only once process 0 has written the output
+        dist.destroy_process_group()
+    run.student.eval()
+    return result
+
+
+def _train_step(
+    run: HealRun, result: HealResult, step: int, watched: list[torch.Tensor], saved: int | None
+) -> None:
+    """One optimizer step (``step`` counts from 0); refuses a non-finite loss or weights,
+    naming ``saved``, the step of the output on disk."""
+    s = run.settings
+    tick = time.perf_counter()
+    x = next(run.batches).to(run.device, non_blocking=True)
+    with torch.no_grad():
+        target = run.teacher(x)
+    out = run.net(x)
+    if step == run.start:
+        _check_logits(out[1], target[1])
+    loss = distillation_loss(out, target, s.temperature, s.feature_weight)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise _diverged(step + 1, f"the loss is {value}", s.lr, saved, run.output)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if not _all_finite(watched):
+        raise _diverged(step + 1, "weights became NaN or infinite", s.lr, saved, run.output)
+    result.step = step + 1
+    result.losses.append(value)
+    result.images_per_s = x.shape[0] * run.world / (time.perf_counter() - tick)
+
+
+def _save_progress(run: HealRun, result: HealResult, saved: list[int]) -> None:
+    """Write the run's output at ``result.step`` (on process 0) and note the step saved."""
+    record = run.history | {
+        "step": result.step,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "loss_first": run.history.get("loss_first", result.losses[0] if result.losses else None),
+    }
+    result.history = record
+    if run.rank == 0:
+        _save(result, run.output, run.optimizer)
+    saved.append(result.step)
+
+
+def _stop(run: HealRun, result: HealResult, signal_name: str, saved: list[int]) -> NoReturn:
+    """Save what finished (if a step did) and stop the run on ``signal_name``."""
+    if result.step > run.start:
+        _save_progress(run, result, saved)
+        kept = f"; progress saved to {str(run.output)!r}. Run the same command with `resume=True` to continue"
+    else:
+        kept = ", before any step finished; nothing was written"
+    raise StoppedBySignal(
+        f"Interrupted ({signal_name}) after step {result.step} of {run.settings.steps}{kept}.", signal_name
+    )
 
 
 def heal(
@@ -328,7 +482,7 @@ def heal(
     save_every: int = 0,
     device: str | None = None,
     workers: int = 0,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> HealResult:
     """Distil ``teacher`` (by default the patched model's source architecture) into the
     patched checkpoint ``patched_path`` on the images under ``data``; write ``output``.
@@ -337,129 +491,22 @@ def heal(
     the same settings) up to ``settings.steps``. ``on_step(step, steps, loss,
     images_per_s)`` is called after every step (on process 0). ``save_every`` also
     writes ``output`` every that many steps; an interrupt (Ctrl-C) writes it too, so
-    ``resume`` can continue.
+    ``resume`` can continue. :func:`prepare_heal` then :func:`train`.
     """
-    settings.check()
-    check_loop_options(save_every, workers)
-    dev = pick_device(device)
-    output = Path(output)
-    rank, world = _distributed()
-    files = image_files(data)
-    _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
-    origin = {"source": str(Path(patched_path).resolve()), "data": str(Path(data).resolve())}
-    if teacher is not None:
-        origin["teacher"] = teacher
-    if teacher_checkpoint is not None:
-        origin["teacher_weights"] = str(teacher_checkpoint)
-    if resume and not output.is_file():
-        raise SurgeryError(
-            f"--resume: {str(output)!r} does not exist, so there is no earlier run to continue; "
-            "drop --resume to start one."
-        )
-    patched = open_patched(output if resume else patched_path)
-    heal_meta, opt_state = (
-        _resume_point(output, patched.metadata, settings, origin) if resume else (None, None)
+    run = prepare_heal(
+        patched_path,
+        data,
+        output,
+        teacher=teacher,
+        teacher_checkpoint=teacher_checkpoint,
+        settings=settings,
+        resume=resume,
+        force=force,
+        save_every=save_every,
+        device=device,
+        workers=workers,
     )
-    _check_classifier(patched.model, str(patched_path))
-    if input_size(patched.model)[0] != 3:
-        raise SurgeryError(
-            f"heal reads its images as RGB, but {str(patched_path)!r} takes {input_size(patched.model)[0]} "
-            "channel(s) (in_chans); heal it in your own training loop on inputs of that shape."
-        )
-    start = heal_meta["step"] if heal_meta else 0
-    history = heal_meta or {"teacher": teacher or patched.model_name, **origin}
-    name = history["teacher"]
-    if (
-        teacher_checkpoint is None
-        and "teacher_weights" in history
-        and Path(history["teacher_weights"]).is_file()
-    ):
-        teacher_checkpoint = history["teacher_weights"]  # resuming: the teacher the run began with
-    if teacher_checkpoint is None and teacher is None:
-        teacher_checkpoint = _source_file(patched, patched_path)
-    t_model, t_source = build_teacher(name, teacher_checkpoint, patched.model_kwargs)
-    history["teacher_weights"] = t_source
-    _check_classifier(t_model, f"teacher {name!r}")
-    per_step = min(settings.batch_size, len(files) // world)
-    if settings.train != "eca" and per_step < 2:
-        raise SurgeryError(
-            f"Each step would see {per_step} image(s) per process, but --train {settings.train} updates "
-            "BatchNorm statistics, which needs at least 2; add images, raise --batch-size, or use --train eca."
-        )
-    student = patched.model.to(dev)
-    t_model = t_model.to(dev)
-    eca_paths = [e.eca_path for e in patched.plan.edits]
-    trainable = select_trainable(student, eca_paths, settings.train)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if opt_state is not None:
-        _load_optimizer(opt, opt_state["optimizer"], state_path(output))
-    net: nn.Module = _FeaturesAndLogits(student)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    teacher_net = _FeaturesAndLogits(t_model)
-
-    dataset = ImageFiles(files, data_config(student))
-    batches = training_batches(
-        dataset, settings.batch_size, settings.seed, start, rank, world, workers, dev.type == "cuda"
-    )
-    torch.manual_seed(settings.seed + start)
-    result = HealResult(patched, settings, start, start, output=output, rank=rank)
-    history.update(settings=asdict(settings), trainable=len(trainable))
-
-    saved: list[int] = [start] if resume else []
-
-    def save() -> None:
-        if rank == 0:
-            _save(result, history, output, opt)
-        saved.append(result.step)
-
-    watched = params + [b for m in student.modules() if m.training and is_norm(m) for b in m.buffers()]
-
-    with _stop_requests() as stop:
-        for step in range(start, settings.steps):
-            if stop:
-                if result.step > start:
-                    save()
-                saved = f"; progress saved to {str(output)!r}. Run the same command with --resume to continue"
-                raise StoppedBySignal(
-                    f"Interrupted ({stop[0]}) after step {result.step} of {settings.steps}"
-                    + (saved if result.step > start else ", before any step finished; nothing was written")
-                    + ".",
-                    stop[0],
-                )
-            tick = time.perf_counter()
-            x = next(batches).to(dev, non_blocking=True)
-            with torch.no_grad():
-                target = teacher_net(x)
-            out = net(x)
-            if step == start:
-                _check_logits(out[1], target[1])
-            loss = distillation_loss(out, target, settings.temperature, settings.feature_weight)
-            if not math.isfinite(float(loss.detach())):
-                raise _diverged(
-                    step + 1, f"the loss is {float(loss.detach())}", settings.lr, _last(saved), output
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not _all_finite(watched):
-                raise _diverged(step + 1, "weights became NaN or infinite", settings.lr, _last(saved), output)
-            result.step = step + 1
-            result.losses.append(float(loss.detach()))
-            result.images_per_s = x.shape[0] * world / (time.perf_counter() - tick)
-            if on_step is not None and rank == 0:
-                on_step(step + 1, settings.steps, result.losses[-1], result.images_per_s)
-            if save_every and (step + 1) % save_every == 0 and step + 1 < settings.steps:
-                save()
-    save()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every process returns only once process 0 has written the output
-        dist.destroy_process_group()
-    student.eval()
-    return result
+    return train(run, on_step)
 
 
 MAX_WORKERS = 256
@@ -469,11 +516,11 @@ def check_loop_options(save_every: int, workers: int) -> None:
     """Refuse a negative ``save_every`` and a worker count outside 0..MAX_WORKERS."""
     if save_every < 0:
         raise SurgeryError(
-            f"--save-every must be 0 (save at the end only) or a number of steps, got {save_every}."
+            f"`save_every` must be 0 (save at the end only) or a number of steps, got {save_every}."
         )
     if not 0 <= workers <= MAX_WORKERS:
         raise SurgeryError(
-            f"--workers must be from 0 (load images in the main process) to {MAX_WORKERS}, got {workers}."
+            f"`workers` must be from 0 (load images in the main process) to {MAX_WORKERS}, got {workers}."
         )
 
 
@@ -486,14 +533,14 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 def _diverged(step: int, what: str, lr: float, saved: int | None, output: Path) -> SurgeryError:
     """The error that stops a run whose loss or weights stopped being finite."""
     kept = (
-        f"The last good state, from step {saved}, is in {str(output)!r}: resume from it with --resume "
-        "(and a lower --lr into another --output, or the same settings)."
+        f"The last good state, from step {saved}, is in {str(output)!r}: resume from it with "
+        "`resume=True` (and a lower `lr` into another `output`, or the same settings)."
         if saved is not None
         else "Nothing was written."
     )
     return SurgeryError(
         f"Healing diverged at step {step}: {what} (learning rate {lr:g} too high?). The diverged model "
-        f"was not saved. {kept} Try a lower --lr."
+        f"was not saved. {kept} Try a lower `lr`."
     )
 
 
@@ -507,7 +554,7 @@ def _source_file(patched: Patched, path: str | Path) -> Path | None:
         return Path(source)
     raise SurgeryError(
         f"{str(path)!r} was converted from {source or 'unknown weights'!r}, which is not a file here; "
-        "pass the original model's weights with --teacher-checkpoint FILE."
+        "pass the original model's weights with `teacher_checkpoint='FILE'`."
     )
 
 
@@ -555,40 +602,13 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-def _save(result: HealResult, history: dict[str, Any], output: Path, opt: torch.optim.Optimizer) -> None:
-    """Write the healed checkpoint, then its optimizer state (both atomically: if either
-    fails, no temporary is left and the state stays that of the checkpoint on disk)."""
-    history = history | {
-        "step": result.step,
-        "loss_last": result.losses[-1] if result.losses else None,
-        "loss_first": history.get("loss_first", result.losses[0] if result.losses else None),
-    }
-    p = result.patched
-    init = p.record.provenance.init
-    with staged_file(state_path(output), force=True) as tmp:  # renamed into place after the checkpoint
-        with open(tmp, "wb") as f:  # a file object, so that a failed write raises OSError
-            torch.save({"step": result.step, "optimizer": opt.state_dict()}, f)
-        save_patched(
-            p.model,
-            output,
-            p.plan,
-            model_kwargs=p.model_kwargs,
-            source=p.record.provenance.source,
-            native=p.record.provenance.native,
-            init=init,
-            heal=history,
-            force=True,
-        )
-
-
-def _metadata_json(patched: Patched, key: str, default: Any) -> Any:
-    """The JSON object stored under ``key`` in ``patched``'s metadata (only a record kept
-    along), or ``default`` where it is missing or damaged."""
-    try:
-        value = loads_strict(patched.metadata[key])
-    except (KeyError, TypeError, ValueError):
-        return default
-    return value if isinstance(value, dict) else default
+def _save(result: HealResult, output: Path, opt: torch.optim.Optimizer) -> None:
+    """Write the healed checkpoint (with ``result.history``) and its optimizer state
+    together: both are replaced or, if either write fails, neither is and no temporary is
+    left, so the state on disk always goes with the checkpoint on disk."""
+    with written_together():
+        result.save(output, force=True)
+        write_state(output, result.step, opt)
 
 
 def _check_outputs(
@@ -605,8 +625,8 @@ def _check_outputs(
     patched = Path(patched_path)
     st = stat_input(patched, "Checkpoint", CheckpointError)
     size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
-    check_output(output, force or resume, size)
-    check_output(state_path(output), True)
+    check_file_output(output, force or resume, size)
+    check_file_output(state_path(output), True)
     check_outputs_apart(
         {"output": output, "optimizer state": state_path(output)},
         {"patched checkpoint": patched, "teacher checkpoint": teacher_checkpoint, "data folder": data},

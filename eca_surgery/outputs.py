@@ -17,6 +17,9 @@ Rules every output of the tool follows:
   KeyboardInterrupt, and SIGTERM where the CLI turns it into one). Temporaries left by
   a killed process (SIGKILL) are removed by the next write to the same place; those of
   a live process are left alone.
+* Every file goes through :func:`atomic_write_file` (folders through
+  :func:`atomic_write_dir`). Files that must agree with each other are written inside
+  :func:`written_together`: all of them are renamed into place as it ends, or none is.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +183,7 @@ def _replaceable_file(path: Path, force: bool) -> os.stat_result | None:
     if st is not None and not force:
         raise SurgeryError(
             f"Output {str(path)!r} already exists and was left untouched. "
-            "Pass --force to overwrite it, or choose another --output."
+            "Pass `force=True` to overwrite it, or choose another `output`."
         )
     return st
 
@@ -192,7 +197,7 @@ def check_file_output(path: str | Path, force: bool, size: int | None = None) ->
     if not path.parent.is_dir():
         raise SurgeryError(
             f"The folder of output {str(path)!r} {_missing_folder(path.parent)}; create it first or choose "
-            "another --output."
+            "another `output`."
         )
     check_folder(path, size)
     return path
@@ -268,7 +273,7 @@ def check_dir_output(path: str | Path, force: bool, kind: str, size: int | None 
         _check_replaceable_dir(path, kind)  # a folder that is not ours is refused whatever ``force`` says
         if not force:
             raise SurgeryError(
-                f"{str(path)!r} already exists and was left untouched; pass --force to replace it."
+                f"{str(path)!r} already exists and was left untouched; pass `force=True` to replace it."
             )
     if not path.parent.is_dir():
         raise SurgeryError(
@@ -429,32 +434,86 @@ def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
         raise
 
 
-@contextmanager
-def staged_file(path: str | Path, force: bool, size: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path to write ``path``'s new content to; on a normal exit it is
+def atomic_write_file(
+    path: str | Path, write: Callable[[Path], Any], force: bool, size: int | None = None
+) -> Path:
+    """Write file ``path`` by ``write(temporary_path)``: the one way every file output is written.
+
+    ``path`` is checked first (:func:`check_file_output`); the temporary beside it is
     fsynced, given the mode (the replaced file's, or ``0666 & ~umask``) and renamed over
-    ``path``. On any exception it is removed and ``path`` is left as it was; an OSError
-    becomes a SurgeryError naming ``path`` and the OS's reason."""
+    ``path`` (inside :func:`written_together`, when that block ends). On any exception it
+    is removed and ``path`` is left as it was; an OSError becomes a SurgeryError naming
+    ``path`` and the OS's reason."""
     path = check_file_output(path, force, size)
     _clean_and_warn(path)
     tmp = temp_path(path)
     with _removed_on_failure(tmp, path):
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        yield tmp
-        st = _replaceable_file(path, force)  # again: it may have changed meanwhile
-        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~current_umask())
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def atomic_write_file(
-    path: str | Path, write: Callable[[Path], Any], force: bool, size: int | None = None
-) -> Path:
-    """Write ``path`` by ``write(temporary_path)`` and an atomic rename (see :func:`staged_file`)."""
-    with staged_file(path, force, size) as tmp:
         write(tmp)
-    return Path(path)
+        _ready(tmp, path, force)
+        group = _GROUP.get()
+        if group is None:
+            _rename_all([_Staged(tmp, path, force)])
+        else:
+            group.append(_Staged(tmp, path, force))
+    return path
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A file written under temporary name ``tmp``, waiting to be renamed over ``path``."""
+
+    tmp: Path
+    path: Path
+    force: bool
+
+
+_GROUP: ContextVar[list[_Staged] | None] = ContextVar("eca_surgery_written_together", default=None)
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """Rename the files :func:`atomic_write_file` writes in this block into place together
+    as it ends, or none of them: if the block (or a final check) fails, every temporary is
+    removed and every target left as it was. For outputs that must agree with each other,
+    such as a healed checkpoint and its optimizer state. A nested block joins the outer one."""
+    if _GROUP.get() is not None:
+        yield
+        return
+    staged: list[_Staged] = []
+    token = _GROUP.set(staged)
+    try:
+        try:
+            yield
+        finally:
+            _GROUP.reset(token)
+        _rename_all(staged)
+    except BaseException:
+        for s in staged:
+            _remove(s.tmp)
+        raise
+
+
+def _ready(tmp: Path, path: Path, force: bool) -> None:
+    """Give the written temporary ``tmp`` its final mode and fsync it."""
+    st = _replaceable_file(path, force)  # again: it may have changed meanwhile
+    os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~current_umask())
+    _fsync(tmp)
+
+
+def _rename_all(staged: list[_Staged]) -> None:
+    """Rename each temporary over its target, in order, once all targets are checked again
+    (still replaceable), with no interrupt between the renames."""
+    for s in staged:
+        _replaceable_file(s.path, s.force)
+    with _signals_deferred():
+        for s in staged:
+            try:
+                os.replace(s.tmp, s.path)
+            except OSError as exc:
+                raise write_error(s.path, exc) from None
+    for folder in dict.fromkeys(s.path.parent for s in staged):
+        _fsync_dir(folder)
 
 
 def atomic_write_dir(

@@ -171,8 +171,9 @@ def test_an_interrupt_stops_between_steps_and_resume_is_exact(setup, tmp_path):
         heal(patched, root / "images", out, on_step=interrupt, **args)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     heal(patched, root / "images", out, resume=True, **args)
-    straight = heal(patched, root / "images", tmp_path / "straight.safetensors", **args)
-    a, b = load_file(out), load_file(straight.output)
+    straight = tmp_path / "straight.safetensors"
+    heal(patched, root / "images", straight, **args)
+    a, b = load_file(out), load_file(straight)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

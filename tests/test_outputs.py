@@ -352,7 +352,7 @@ def test_heal_state_write_failure_leaves_no_temporary(tmp_path, monkeypatch, con
     save_patched(conversion.model, out, conversion.plan)
     old = out.read_bytes()
     patched = Patched(conversion.model, CheckpointRecord.of(conversion.plan, {}), {})
-    result = heal.HealResult(patched, heal.HealSettings(), 0, 1, losses=[1.0])
+    result = heal.HealResult(patched, heal.HealSettings(), 0, 1, losses=[1.0], history={})
     opt = torch.optim.AdamW(conversion.model.parameters())
     real_save = torch.save
 
@@ -362,16 +362,77 @@ def test_heal_state_write_failure_leaves_no_temporary(tmp_path, monkeypatch, con
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SurgeryError, match="No space left on device"):
-        heal._save(result, {}, out, opt)
+        heal._save(result, out, opt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed.safetensors"]
     assert out.read_bytes() == old
     monkeypatch.setattr(torch, "save", real_save)
-    heal._save(result, {}, out, opt)
+    heal._save(result, out, opt)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "healed.safetensors",
         "healed.safetensors.heal-state.pt",
     ]
     assert torch.load(heal.state_path(out), weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("failing", ["checkpoint write", "state fsync", "checkpoint fsync"])
+def test_a_failed_heal_save_replaces_neither_file_and_leaves_no_temporary(
+    tmp_path, monkeypatch, conversion, failing
+):
+    """Before: when the optimizer state's temporary failed after the checkpoint was renamed
+    into place, the checkpoint was replaced (a step the state on disk did not match) while
+    the error said nothing was replaced. Now both are renamed together, or neither."""
+    import eca_surgery.checkpoint as checkpoint
+    import eca_surgery.heal as heal
+    import eca_surgery.outputs as outputs
+    from eca_surgery.checkpoint import CheckpointRecord, Patched
+
+    out = tmp_path / "healed.safetensors"
+    patched = Patched(conversion.model, CheckpointRecord.of(conversion.plan, {}), {})
+    result = heal.HealResult(patched, heal.HealSettings(), 0, 1, losses=[1.0], history={})
+    opt = torch.optim.AdamW(conversion.model.parameters())
+    heal._save(result, out, opt)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result.step, real_fsync = 2, outputs._fsync
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fsync(path):
+        target = "healed.safetensors.heal-state.pt" if failing == "state fsync" else "healed.safetensors"
+        if f"{target}{TMP_TAG}" in path.name:
+            full_disk()
+        return real_fsync(path)
+
+    if failing == "checkpoint write":
+        monkeypatch.setattr(checkpoint, "save_safetensors", full_disk)
+    else:
+        monkeypatch.setattr(outputs, "_fsync", fsync)
+    with pytest.raises(SurgeryError, match="No space left on device"):
+        heal._save(result, out, opt)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path):
+    from eca_surgery.outputs import atomic_write_file, written_together
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+
+    def fail(tmp):
+        raise RuntimeError("the second write fails")
+
+    with pytest.raises(RuntimeError), written_together():
+        atomic_write_file(a, lambda tmp: tmp.write_text("new a"), True)
+        assert a.read_text() == "old a"  # not renamed before the block ends
+        atomic_write_file(b, fail, True)
+    assert sorted(listing(tmp_path)) == ["a.txt"] and a.read_text() == "old a"
+    with written_together():
+        atomic_write_file(a, lambda tmp: tmp.write_text("new a"), True)
+        atomic_write_file(b, lambda tmp: tmp.write_text("new b"), False)
+    assert (a.read_text(), b.read_text()) == ("new a", "new b") and sorted(listing(tmp_path)) == [
+        "a.txt",
+        "b.txt",
+    ]
 
 
 # 14. signals and leftovers of killed runs
