@@ -15,6 +15,8 @@ Either way every original state_dict key and tensor is untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,9 +24,10 @@ from torch import nn
 
 from .detect import qualified_name
 from .eca import make_eca
+from .edits import Edit, Position
 from .errors import SurgeryError
-from .locate import is_plain_sequential
-from .plan import Edit, Plan
+from .locate import is_empty_slot, is_plain_sequential
+from .plan import Plan
 
 
 def _run_after(eca: nn.Module, module: nn.Module, args, output):
@@ -39,7 +42,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it.
 
     New ECA weights get PyTorch's default Conv1d initialisation, on the device and in
-    the dtype of the model's weights (nothing is allocated on the meta device).
+    the dtype of the model's weights (nothing is allocated on the meta device). A plan
+    that does not fit the model is refused before anything is changed (see
+    :func:`check_applicable`).
     """
     check_applicable(model, plan)
     ref = next(model.parameters())
@@ -48,10 +53,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             edit.channels, kernel_size=edit.kernel_size, gate=edit.gate, device=ref.device, dtype=ref.dtype
         )
         eca.train(model.training)
-        if edit.position == "in-place":
-            _check_class(model, edit)
+        if edit.position == Position.IN_PLACE:
             model.set_submodule(edit.path, eca, strict=True)
-        elif edit.position == "slot":
+        elif edit.position == Position.SLOT:
             parent_path, _, name = edit.path.rpartition(".")
             parent = model.get_submodule(parent_path)
             delattr(parent, name)  # the slot may hold None (a plain attribute) or an nn.Identity
@@ -61,6 +65,69 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class Misfit:
+    """An edit that does not fit a model, and why: ``reason`` is a clause such as
+    ``"it is timm.layers.eca.EcaModule, not timm.layers.squeeze_excite.SEModule"`` (about the
+    module at the edit's path)."""
+
+    edit: Edit
+    reason: str
+
+
+def check_applicable(
+    model: nn.Module,
+    plan: Plan | Iterable[Edit],
+    *,
+    source: str | None = None,
+    error: type[SurgeryError] = SurgeryError,
+) -> None:
+    """Refuse, before anything is changed, edits that do not fit ``model`` (see :func:`find_misfit`).
+
+    ``plan`` is a Plan or its edits. By default the ``error`` speaks of a plan made for another
+    model or applied twice; with ``source`` (such as ``"Checkpoint 'x.safetensors'"``) it
+    speaks of that file's edits and the model rebuilt to load them.
+    """
+    misfit = find_misfit(model, plan.edits if isinstance(plan, Plan) else plan)
+    if misfit is None:
+        return
+    at = f"at {misfit.edit.path!r}: {misfit.reason}"
+    if source is None:
+        raise error(
+            f"apply_plan: the plan does not fit this model {at}. The plan was made for another "
+            "model, or was already applied to this one; nothing was changed. Make the plan on the "
+            "model it is applied to, with make_plan, and apply it once."
+        )
+    raise error(
+        f"{source}: its edits do not fit the rebuilt model {at}. The file was written for a model with "
+        "another module tree (another model name, other model kwargs, or a timm that builds it "
+        "differently); load it with the model and kwargs it was saved with, or convert again."
+    )
+
+
+def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
+    """The first of ``edits`` that does not fit ``model`` as it is now, or None.
+
+    A replacement needs a module of the class it replaced at its path; a slot edit an empty
+    attention slot (None or nn.Identity); an insertion its module, and a free ``eca_path`` in
+    that module or its parent. No two edits may put an ECA block at one path.
+    """
+    taken: set[str] = set()
+    for edit in edits:
+        if edit.eca_path in taken:
+            return Misfit(edit, f"a second edit puts an ECA block at {edit.eca_path!r}")
+        taken.add(edit.eca_path)
+        if edit.position == Position.IN_PLACE:
+            reason = _replace_misfit(model, edit)
+        elif edit.position == Position.SLOT:
+            reason = _slot_misfit(model, edit)
+        else:
+            reason = _insert_misfit(model, edit)
+        if reason is not None:
+            return Misfit(edit, reason)
+    return None
+
+
 def _module(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
@@ -68,40 +135,41 @@ def _module(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def check_applicable(model: nn.Module, plan: Plan) -> None:
-    """Refuse, before anything is changed, a ``plan`` that was made for another model or was
-    already applied to this one (a second insert would run two ECA blocks in a row)."""
-    for edit in plan.edits:
-        target = _module(model, edit.path)
-        if edit.position == "in-place":
-            found = None if target is None else qualified_name(type(target))
-            ok = found == edit.old_class
-        elif edit.position == "slot":
-            parent = _module(model, edit.path.rpartition(".")[0])
-            ok = parent is not None and (target is None or type(target) is nn.Identity)
-        else:
-            ok = target is not None and _module(model, edit.eca_path) is None
-        if not ok:
-            raise SurgeryError(
-                f"apply_plan: the plan does not fit this model at {edit.path!r} (the plan was made for another "
-                "model, or was already applied to this one); nothing was changed. Make the plan on the "
-                "model it is applied to, with make_plan, and apply it once."
-            )
+def _replace_misfit(model: nn.Module, edit: Edit) -> str | None:
+    target = _module(model, edit.path)
+    if target is None:
+        return "there is no module there"
+    found = qualified_name(type(target))
+    return None if found == edit.old_class else f"it is {found}, not {edit.old_class}"
 
 
-def _check_class(model: nn.Module, edit: Edit) -> None:
-    old = model.get_submodule(edit.path)
-    if qualified_name(type(old)) != edit.old_class:
-        raise RuntimeError(
-            f"plan does not fit the model: {edit.path} is {qualified_name(type(old))}, "
-            f"the plan expected {edit.old_class}"
-        )
+def _slot_misfit(model: nn.Module, edit: Edit) -> str | None:
+    parent_path, _, name = edit.path.rpartition(".")
+    parent = _module(model, parent_path)
+    if parent is None:
+        return f"there is no module {parent_path!r}"
+    if is_empty_slot(parent, name):
+        return None
+    if not hasattr(parent, name):
+        return f"{parent_path or 'the model'} has no attention slot {name!r}"
+    return f"the slot is not empty: it holds {qualified_name(type(getattr(parent, name)))}"
+
+
+def _insert_misfit(model: nn.Module, edit: Edit) -> str | None:
+    if _module(model, edit.path) is None:
+        return "there is no module there"
+    owner_path, _, name = edit.eca_path.rpartition(".")
+    if owner_path not in (edit.path, edit.path.rpartition(".")[0]):
+        return f"its ECA path {edit.eca_path!r} is in neither the module nor its parent"
+    if hasattr(model.get_submodule(owner_path), name):
+        return f"{edit.eca_path!r} is taken already"
+    return None
 
 
 def _insert(model: nn.Module, edit: Edit, eca: nn.Module) -> None:
     owner_path, _, name = edit.eca_path.rpartition(".")
     owner = model.get_submodule(owner_path)
-    after = edit.position == "after"
+    after = edit.position == Position.AFTER
     if is_plain_sequential(owner):
         anchor = None if owner_path == edit.path else edit.path.rpartition(".")[2]
         _add_in_order(owner, name, eca, anchor, after)

@@ -7,20 +7,20 @@ import math
 import torch
 from torch import nn
 
-GATES = ("sigmoid", "hard_sigmoid", "double_sigmoid")
+from .edits import Gate
 
 
 class DoubleSigmoid(nn.Module):
     """``2 * sigmoid(x)``: 1 at x = 0, so an ECA block with a zero kernel is the identity.
 
-    The gate of ``--init identity``: an ECA inserted into a trained model then starts as
+    The gate of ``init='identity'``: an ECA inserted into a trained model then starts as
     exactly the original function. It deviates from the paper's block, whose sigmoid
     gate lies in (0, 1) and halves every channel at a zero kernel; this one lies in
     (0, 2), so training can also amplify channels.
     """
 
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__()
+    # no ``inplace`` argument: timm's EcaModule builds its gate with ``create_act_layer(gate_layer)``,
+    # which passes none (and retries without it where a class lacks one)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2 * torch.sigmoid(x)
@@ -45,7 +45,7 @@ def make_eca(
     kernel_size: int | None = None,
     gamma: float = 2,
     b: float = 1,
-    gate: str | type[nn.Module] = "sigmoid",
+    gate: Gate | str = Gate.SIGMOID,
     device=None,
     dtype=None,
 ) -> nn.Module:
@@ -53,7 +53,9 @@ def make_eca(
 
     This is timm's own ``EcaModule`` with the kernel size passed explicitly, so the
     parameter is named ``conv.weight`` and a converted checkpoint loads key-for-key
-    into timm's ECA models. ``kernel_size`` (odd) overrides the adaptive rule.
+    into timm's ECA models. ``kernel_size`` (odd) overrides the adaptive rule. ``gate`` is a
+    :class:`~eca_surgery.edits.Gate` or its value (``"sigmoid"``, ``"hard_sigmoid"``,
+    ``"double_sigmoid"``); ValueError for another.
     """
     from timm.layers import EcaModule
 
@@ -61,6 +63,18 @@ def make_eca(
         kernel_size = eca_kernel_size(channels, gamma, b)
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"ECA kernel size must be a positive odd integer, got {kernel_size}")
-    if gate == "double_sigmoid":
-        gate = DoubleSigmoid
-    return EcaModule(channels=None, kernel_size=kernel_size, gate_layer=gate, device=device, dtype=dtype)
+    gate_layer = _gate_layer(gate)
+    return EcaModule(
+        channels=None, kernel_size=kernel_size, gate_layer=gate_layer, device=device, dtype=dtype
+    )
+
+
+def _gate_layer(gate: Gate | str) -> str | type[nn.Module]:
+    """What timm's EcaModule takes as ``gate_layer`` for ``gate``: timm's own name for the
+    sigmoid and hard sigmoid, and :class:`DoubleSigmoid`, which timm lacks."""
+    try:
+        gate = Gate(gate)
+    except ValueError:
+        choices = ", ".join(g.value for g in Gate)
+        raise ValueError(f"unknown ECA gate {gate!r}; expected one of: {choices}") from None
+    return DoubleSigmoid if gate is Gate.DOUBLE_SIGMOID else gate.value

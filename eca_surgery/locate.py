@@ -66,12 +66,16 @@ def _has_params(module: nn.Module) -> bool:
 def empty_slot(module: nn.Module) -> str | None:
     """The name of the module's empty attention slot (an ``se``/``attn`` attribute that is
     None or nn.Identity, as in timm blocks built without attention), else None."""
-    for name in ATTN_SLOTS:
-        if name in module._modules or name in module.__dict__:
-            value = getattr(module, name)
-            if value is None or type(value) is nn.Identity:
-                return name
-    return None
+    return next((name for name in ATTN_SLOTS if is_empty_slot(module, name)), None)
+
+
+def is_empty_slot(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` has an attribute ``name`` (a child or a plain attribute) holding None
+    or an nn.Identity, where an ECA block can go without replacing anything."""
+    if name not in module._modules and name not in module.__dict__:
+        return False
+    value = getattr(module, name)
+    return value is None or type(value) is nn.Identity
 
 
 def is_plain_sequential(module: nn.Module) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import safetensors_io_errors, tensor_bytes
+from .edits import Gate
 from .errors import SurgeryError
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
@@ -49,7 +50,7 @@ def native_obstacle(plan: Plan) -> str | None:
     if not plan.edits:
         return f"The recipe changes nothing in {plan.model}, so there is no timm-native folder to write."
     for e in plan.edits:
-        if e.gate != "sigmoid":
+        if e.gate != Gate.SIGMOID:
             return (
                 f"timm builds ECA only with the sigmoid gate, but the ECA at {e.eca_path!r} has a "
                 f"{e.gate} gate, so timm cannot build this variant of {plan.model} and there is no "
@@ -107,7 +108,7 @@ def find_native(model_name: str, model_kwargs: dict[str, Any], patched: nn.Modul
     """``{"model": name, "kwargs": {...}}`` that makes timm build ``patched`` itself, or None."""
     import timm
 
-    if not plan.edits or any(e.gate != "sigmoid" for e in plan.edits):
+    if not plan.edits or any(e.gate != Gate.SIGMOID for e in plan.edits):
         return None
     target = _shapes(patched)
     for kwargs in _candidates(patched, model_kwargs):
