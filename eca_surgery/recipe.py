@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
-import reprlib
-import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -42,19 +39,34 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
+from .edits import Gate, Position
 from .errors import RecipeError
 from .paths import stat_input
+from .recipe_format import (
+    Checker,
+    Choice,
+    Exclusion,
+    Field,
+    Flag,
+    Indices,
+    ListOf,
+    Number,
+    Obj,
+    OddInt,
+    Patterns,
+    Text,
+    Version,
+    excerpt,
+    field_name,
+    line_of,
+)
+from .recipe_format import short_repr as _short_repr
 
 RECIPE_VERSION = 1
 ACTIONS = ("replace", "insert")
-WHERE = ("after", "before")
-GATES = ("sigmoid", "hard_sigmoid", "double_sigmoid", "keep")
+WHERE = (Position.AFTER.value, Position.BEFORE.value)
+GATES = (*(gate.value for gate in Gate), "keep")
 PLACEMENTS = ("in-blocks", "backbone-end", "feature-branches")
-
-_TOP_KEYS = {"version", "name", "description", "rules"}
-_RULE_KEYS = {"action", "where", "select", "eca", "optional"}
-_SELECT_KEYS = {"se", "path", "regex", "class", "stages", "blocks", "placement"}
-_ECA_KEYS = {"gamma", "b", "kernel_size", "gate"}
 
 # Bounds on a recipe, which may come from anyone (see the module docstring).
 MAX_BYTES = 1_000_000
@@ -63,13 +75,12 @@ MAX_NODES = 100_000
 MAX_RULES = 256
 MAX_ITEMS = 64  # patterns or indices in one selector criterion
 MAX_PATTERN = 512  # characters in one path, regex or class pattern
+MAX_INDEX = 1024
 MAX_NAME = 200
 MAX_DESCRIPTION = 4000
-MAX_INDEX = 1024
 GAMMA_RANGE = (0.25, 64.0)
 B_RANGE = (-64.0, 64.0)
 MAX_KERNEL = 1023
-EXCERPT = 80
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class EcaOptions:
     gamma: float = 2.0
     b: float = 1.0
     kernel_size: int | None = None
-    gate: str = "sigmoid"
+    gate: str = Gate.SIGMOID.value
 
 
 @dataclass(frozen=True)
@@ -99,32 +110,25 @@ class Selector:
     placement: str | None = None
 
     def describe(self) -> str:
-        parts = []
-        if self.placement:
-            parts.append(f"placement {self.placement}")
-        if self.se:
-            parts.append("SE blocks")
-        for label, values in (("path", self.path), ("regex", self.regex), ("class", self.cls)):
-            if values:
-                parts.append(f"{label} {' | '.join(values)}")
-        for label, value in (("stages", self.stages), ("blocks", self.blocks)):
-            if value is not None:
-                parts.append(f"{label} {value if isinstance(value, str) else list(value)}")
+        """The criteria given, in words: "placement in-blocks", "SE blocks, stages [-1]"."""
+        given = self.to_dict()
+        parts = [f"placement {given.pop('placement')}"] if "placement" in given else []
+        for key, value in given.items():
+            if key == "se":
+                parts.append("SE blocks")
+            elif isinstance(value, list) and isinstance(value[0], str):
+                parts.append(f"{key} {' | '.join(value)}")
+            else:
+                parts.append(f"{key} {value}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """The selector in recipe syntax (only the criteria given)."""
+        """The selector in recipe syntax (only the criteria given), in the format's key order."""
         data: dict[str, Any] = {}
-        if self.se:
-            data["se"] = True
-        for key, value in (("path", self.path), ("regex", self.regex), ("class", self.cls)):
-            if value:
-                data[key] = list(value)
-        for key, value in (("stages", self.stages), ("blocks", self.blocks)):
-            if value is not None:
-                data[key] = value if isinstance(value, str) else list(value)
-        if self.placement:
-            data["placement"] = self.placement
+        for spec in _SELECTOR.fields:
+            value = getattr(self, spec.attr or spec.key)
+            if value is not None and value is not False and value != ():
+                data[spec.key] = list(value) if isinstance(value, tuple) else value
         return data
 
 
@@ -134,7 +138,7 @@ class Rule:
     select: Selector
     eca: EcaOptions = field(default_factory=EcaOptions)
     optional: bool = False
-    where: str = "after"
+    where: str = Position.AFTER.value
 
     def to_dict(self) -> dict[str, Any]:
         data = {"action": self.action, "select": self.select.to_dict(), "eca": asdict(self.eca)}
@@ -166,12 +170,12 @@ class Recipe:
 
     def where(self, *path: str | int) -> str:
         """'SOURCE, line N: FIELD' for a field of this recipe, for error messages."""
-        line = _line_of(self.lines, tuple(path))
+        line = line_of(self.lines, tuple(path))
         at = f"{self.source}, line {line}" if line else self.source
-        return f"{at}: {_field_name(tuple(path))}"
+        return f"{at}: {field_name(tuple(path))}"
 
     def with_insert_gate(self, gate: str) -> Recipe:
-        """This recipe with ``gate`` on every insert rule (what ``--init identity`` records)."""
+        """This recipe with ``gate`` on every insert rule (what ``init='identity'`` records)."""
         rules = tuple(
             replace(r, eca=replace(r.eca, gate=gate)) if r.action == "insert" else r for r in self.rules
         )
@@ -204,267 +208,6 @@ def _line_map(root: yaml.Node | None) -> dict[tuple, int]:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((item, (*path, i)) for i, item in enumerate(node.value))
     return lines
-
-
-def _line_of(lines: dict[tuple, int], path: tuple) -> int | None:
-    while path not in lines and path:
-        path = path[:-1]
-    return lines.get(path)
-
-
-class _Validator:
-    """Turns plain YAML data into a Recipe, raising RecipeError that names field and line."""
-
-    def __init__(self, source: str, lines: dict[tuple, int]):
-        self.source = source
-        self.lines = lines
-
-    def fail(self, path: tuple, problem: str) -> RecipeError:
-        where = self.source
-        line = _line_of(self.lines, path)
-        if line is not None:
-            where += f", line {line}"
-        field_name = _field_name(path) or "the recipe"
-        return RecipeError(f"Invalid recipe ({where}): {field_name}: {problem}")
-
-    def mapping(self, value: Any, path: tuple, allowed: set[str]) -> dict:
-        if not isinstance(value, dict):
-            hint = " (leave the key out for the defaults)" if value is None and path else ""
-            raise self.fail(path, f"expected a mapping, got {_describe(value)}{hint}.")
-        unknown = sorted(excerpt(str(k), 40) for k in value if k not in allowed)
-        if unknown:
-            raise self.fail(
-                (*path, unknown[0]),
-                f"unknown key {unknown[0]!r}; expected one of: {', '.join(sorted(allowed))}.",
-            )
-        return value
-
-    def number(self, value: Any, path: tuple, low: float, high: float) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(path, f"expected a number, got {_describe(value)}.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(path, f"expected a finite number, got {_describe(value)}.")
-        if not low <= value <= high:  # compares exactly, even for ints too large for a float
-            raise self.fail(path, f"must be between {low:g} and {high:g}, got {_describe(value)}.")
-        return float(value)
-
-    def boolean(self, value: Any, path: tuple) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {_describe(value)}.")
-        return value
-
-    def text(self, value: Any, path: tuple, limit: int) -> str:
-        if not isinstance(value, str):
-            raise self.fail(path, f"expected a string, got {_describe(value)}.")
-        if len(value) > limit:
-            raise self.fail(path, f"is {len(value)} characters long; at most {limit} are allowed.")
-        self.printable(value, path, allowed="\t\n" if path == ("description",) else "")
-        return value
-
-    def printable(self, value: str, path: tuple, allowed: str = "") -> None:
-        """Refuse control characters (terminal escape sequences among them): recipe text
-        is printed, and must not drive the user's terminal."""
-        bad = next((c for c in value if c not in allowed and unicodedata.category(c) == "Cc"), None)
-        if bad is not None:
-            raise self.fail(path, f"contains the control character {bad!r}; recipe text must be printable.")
-
-    def recipe(self, data: Any) -> Recipe:
-        data = self.mapping(data, (), _TOP_KEYS)
-        if "version" not in data:
-            raise self.fail((), f"missing required key 'version' (this tool reads version {RECIPE_VERSION}).")
-        version = data["version"]
-        if type(version) is not int or version != RECIPE_VERSION:
-            raise self.fail(
-                ("version",),
-                f"unsupported version {_short_repr(version)}; this tool reads version {RECIPE_VERSION}.",
-            )
-        if "rules" not in data:
-            raise self.fail((), "missing required key 'rules' (a list of rules).")
-        rules = data["rules"]
-        if not isinstance(rules, list) or not rules:
-            raise self.fail(("rules",), f"expected a non-empty list of rules, got {_describe(rules)}.")
-        if len(rules) > MAX_RULES:
-            raise self.fail(("rules",), f"has {len(rules)} rules; at most {MAX_RULES} are allowed.")
-        name = data.get("name")
-        description = data.get("description")
-        return Recipe(
-            rules=tuple(self.rule(r, ("rules", i)) for i, r in enumerate(rules)),
-            version=version,
-            name=None if name is None else self.text(name, ("name",), MAX_NAME),
-            description=None
-            if description is None
-            else self.text(description, ("description",), MAX_DESCRIPTION),
-            source=self.source,
-            lines=self.lines,
-        )
-
-    def rule(self, data: Any, path: tuple) -> Rule:
-        data = self.mapping(data, path, _RULE_KEYS)
-        if "action" not in data:
-            raise self.fail(path, f"missing required key 'action' (one of: {', '.join(ACTIONS)}).")
-        action = data["action"]
-        if not _is_one_of(action, ACTIONS):
-            raise self.fail(
-                (*path, "action"),
-                f"unknown action {_short_repr(action)}; expected one of: {', '.join(ACTIONS)}.",
-            )
-        where = data.get("where", "after")
-        if "where" in data and action != "insert":
-            raise self.fail((*path, "where"), "only an 'insert' rule takes 'where'.")
-        if not _is_one_of(where, WHERE):
-            raise self.fail((*path, "where"), f"expected one of: {', '.join(WHERE)}; got {_describe(where)}.")
-        if "select" not in data:
-            raise self.fail(path, "missing required key 'select' (which modules the rule acts on).")
-        select = self.selector(data["select"], (*path, "select"))
-        if action == "replace" and select.placement:
-            raise self.fail(
-                (*path, "select", "placement"),
-                "a placement adds ECA; use 'action: insert' with it (replace swaps existing modules).",
-            )
-        if "where" in data and select.placement == "in-blocks":
-            raise self.fail(
-                (*path, "where"), "in-blocks fills each block's attention slot; it takes no 'where'."
-            )
-        if action == "insert" and select.se:
-            raise self.fail(
-                (*path, "select", "se"), "SE blocks are replaced, not inserted after; use 'action: replace'."
-            )
-        return Rule(
-            action=action,
-            select=select,
-            eca=self.eca(data.get("eca", {}), (*path, "eca")),
-            optional=self.boolean(data.get("optional", False), (*path, "optional")),
-            where=where,
-        )
-
-    def items(self, value: Any, path: tuple) -> list:
-        values = value if isinstance(value, list) else [value]
-        if len(values) > MAX_ITEMS:
-            raise self.fail(path, f"lists {len(values)} items; at most {MAX_ITEMS} are allowed.")
-        return values
-
-    def strings(self, value: Any, path: tuple) -> tuple[str, ...]:
-        values = self.items(value, path)
-        if not values or not all(isinstance(v, str) and v for v in values):
-            raise self.fail(path, f"expected a non-empty string or list of strings, got {_describe(value)}.")
-        for i, v in enumerate(values):
-            if len(v) > MAX_PATTERN:
-                at = (*path, i) if isinstance(value, list) else path
-                raise self.fail(at, f"is {len(v)} characters long; at most {MAX_PATTERN} are allowed.")
-            self.printable(v, (*path, i) if isinstance(value, list) else path)
-        return tuple(values)
-
-    def indices(self, value: Any, path: tuple, words: tuple[str, ...]) -> str | tuple[int, ...]:
-        if _is_one_of(value, words):
-            return value
-        values = self.items(value, path)
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise self.fail(
-                path,
-                f"expected {' or '.join(map(repr, words))}, an index or a list of indices, got {_describe(value)}.",
-            )
-        for v in values:
-            if not -MAX_INDEX <= v <= MAX_INDEX:
-                raise self.fail(path, f"index {_short_repr(v)} is out of range -{MAX_INDEX}..{MAX_INDEX}.")
-        return tuple(values)
-
-    def selector(self, data: Any, path: tuple) -> Selector:
-        data = self.mapping(data, path, _SELECT_KEYS)
-        regex = self.strings(data["regex"], (*path, "regex")) if "regex" in data else ()
-        globs = self.strings(data["path"], (*path, "path")) if "path" in data else ()
-        for key, patterns, compile_, what in (
-            ("regex", regex, compile_regex, "regular expression"),
-            ("path", globs, compile_glob, "path pattern"),
-        ):
-            for i, pattern in enumerate(patterns):
-                try:
-                    compile_(pattern)
-                except ValueError as exc:
-                    at = (*path, key, i) if isinstance(data[key], list) else (*path, key)
-                    raise self.fail(at, f"bad {what} {_short_repr(pattern)}: {exc}.") from None
-        placement = data.get("placement")
-        if placement is not None and not _is_one_of(placement, PLACEMENTS):
-            raise self.fail(
-                (*path, "placement"),
-                f"unknown placement {_short_repr(placement)}; expected one of: {', '.join(PLACEMENTS)}.",
-            )
-        selector = Selector(
-            se=self.boolean(data.get("se", False), (*path, "se")),
-            path=globs,
-            regex=regex,
-            cls=self.strings(data["class"], (*path, "class")) if "class" in data else (),
-            stages=self.indices(data["stages"], (*path, "stages"), ("all",)) if "stages" in data else None,
-            blocks=self.indices(data["blocks"], (*path, "blocks"), ("all", "last"))
-            if "blocks" in data
-            else None,
-            placement=placement,
-        )
-        if not selector.to_dict():
-            raise self.fail(
-                path, "selects nothing; give at least one of: " + ", ".join(sorted(_SELECT_KEYS)) + "."
-            )
-        return selector
-
-    def eca(self, data: Any, path: tuple) -> EcaOptions:
-        data = self.mapping(data, path, _ECA_KEYS)
-        gamma = self.number(data.get("gamma", 2), (*path, "gamma"), *GAMMA_RANGE)
-        b = self.number(data.get("b", 1), (*path, "b"), *B_RANGE)
-        kernel_size = data.get("kernel_size")
-        if kernel_size is not None and (
-            isinstance(kernel_size, bool)
-            or not isinstance(kernel_size, int)
-            or not 1 <= kernel_size <= MAX_KERNEL
-            or kernel_size % 2 == 0
-        ):
-            raise self.fail(
-                (*path, "kernel_size"),
-                f"expected a positive odd integer up to {MAX_KERNEL} (or null for the adaptive rule), "
-                f"got {_describe(kernel_size)}.",
-            )
-        gate = data.get("gate", "sigmoid")
-        if not _is_one_of(gate, GATES):
-            raise self.fail(
-                (*path, "gate"), f"unknown gate {_short_repr(gate)}; expected one of: {', '.join(GATES)}."
-            )
-        return EcaOptions(gamma=gamma, b=b, kernel_size=kernel_size, gate=gate)
-
-
-def _is_one_of(value: Any, words: tuple[str, ...]) -> bool:
-    """``value in words`` for any value: a list or mapping (unhashable) is simply not one."""
-    return isinstance(value, str) and value in words
-
-
-def _field_name(path: tuple) -> str:
-    out = ""
-    for part in path:
-        part = part if isinstance(part, int) else excerpt(str(part), 40)
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = EXCERPT
-_REPR.maxlevel = 3
-
-
-def excerpt(text: str, limit: int = EXCERPT) -> str:
-    """``text`` cut to ``limit`` characters, with an ellipsis where it was cut."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _short_repr(value: Any) -> str:
-    """repr(value), bounded in length and nesting, for quoting untrusted input in messages."""
-    try:
-        text = _REPR.repr(value)
-    except (ValueError, RecursionError):  # an int too long to print, a structure too deep
-        text = f"<{type(value).__name__}>"
-    return excerpt(text)
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    return f"{type(value).__name__} {_short_repr(value)}"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -508,6 +251,125 @@ def _unsupported(reason: str) -> str:
     if re.search(r"invalid escape sequence: \\[1-9]", reason):
         return " (backreferences are not supported: selectors use RE2 syntax, which matches in linear time)"
     return ""
+
+
+# The recipe format, described once: the key sets, the validation (messages naming field
+# and line) and recipe_schema() are all derived from these tables (see recipe_format).
+# A new key is one Field here plus the record's attribute.
+
+_ECA = Obj(
+    EcaOptions,
+    (
+        Field("gamma", Number(*GAMMA_RANGE), default=2),
+        Field("b", Number(*B_RANGE), default=1),
+        Field(
+            "kernel_size",
+            OddInt(MAX_KERNEL, note=" (or null for the adaptive rule)"),
+            default=None,
+            nullable=True,
+            description="A fixed odd kernel size instead of the adaptive rule.",
+        ),
+        Field("gate", Choice(GATES, "gate"), default=Gate.SIGMOID.value),
+    ),
+)
+
+_SELECTOR = Obj(
+    Selector,
+    (
+        Field("se", Flag(), description="The built-in SE detector."),
+        Field(
+            "path",
+            Patterns(MAX_PATTERN, MAX_ITEMS, compile_glob, "path pattern"),
+            description="Globs over dotted module paths: * within a segment, ** across.",
+        ),
+        Field(
+            "regex",
+            Patterns(MAX_PATTERN, MAX_ITEMS, compile_regex, "regular expression"),
+            description="Regular expressions that must match a whole module path.",
+        ),
+        Field(
+            "class",
+            Patterns(MAX_PATTERN, MAX_ITEMS),
+            attr="cls",
+            description="Module class, short (SEModule) or qualified name.",
+        ),
+        Field(
+            "stages",
+            Indices(("all",), MAX_INDEX, MAX_ITEMS),
+            description="Stages by index into the model's feature_info; negative counts from the end.",
+        ),
+        Field(
+            "blocks",
+            Indices(("all", "last"), MAX_INDEX, MAX_ITEMS),
+            description="Blocks within the selected stages.",
+        ),
+        Field("placement", Choice(PLACEMENTS, "placement"), description="The article's three placements."),
+    ),
+    nonempty="selects nothing",
+)
+
+_RULE = Obj(
+    Rule,
+    (
+        Field("action", Choice(ACTIONS, "action"), required=f"one of: {', '.join(ACTIONS)}"),
+        Field("where", Choice(WHERE), default=Position.AFTER.value, description="For insert rules."),
+        Field("select", _SELECTOR, required="which modules the rule acts on"),
+        Field("eca", _ECA),
+        Field("optional", Flag(), default=False, description="Matching nothing is not an error."),
+    ),
+    exclusions=(
+        Exclusion(("action",), "replace", ("where",), "only an 'insert' rule takes 'where'."),
+        Exclusion(
+            ("action",),
+            "replace",
+            ("select", "placement"),
+            "a placement adds ECA; use 'action: insert' with it (replace swaps existing modules).",
+        ),
+        Exclusion(
+            ("select", "placement"),
+            "in-blocks",
+            ("where",),
+            "in-blocks fills each block's attention slot; it takes no 'where'.",
+        ),
+        Exclusion(
+            ("action",),
+            "insert",
+            ("select", "se"),
+            "SE blocks are replaced, not inserted after; use 'action: replace'.",
+            then_value=True,
+        ),
+    ),
+)
+
+_RECIPE = Obj(
+    Recipe,
+    (
+        Field("version", Version(RECIPE_VERSION), required=f"this tool reads version {RECIPE_VERSION}"),
+        Field("rules", ListOf(_RULE, MAX_RULES, "rules"), required="a list of rules"),
+        Field("name", Text(MAX_NAME), nullable=True),
+        Field("description", Text(MAX_DESCRIPTION, lines=True), nullable=True),
+    ),
+)
+
+
+def _validate(data: Any, source: str, lines: dict[tuple, int]) -> Recipe:
+    """``data`` (plain YAML data) as a Recipe, or RecipeError naming the field and its line."""
+    recipe = _RECIPE.check(Checker(source, lines), data, ())
+    return replace(recipe, source=source, lines=lines)
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The recipe format as a JSON Schema, for editors that complete and check YAML.
+
+    What it cannot say: that a regex or glob compiles (RE2 syntax), that a number is not
+    NaN (JSON has no NaN), and that an integer is not written as a float such as 3.0
+    (JSON Schema counts 3.0 as an integer).
+    """
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "eca-surgery recipe",
+        **_RECIPE.schema(),
+    }
 
 
 class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -634,14 +496,14 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         ) from None
     if data is None:
         raise RecipeError(f"Recipe {source} is empty; it needs at least 'version' and 'rules'.")
-    return _Validator(source, lines).recipe(data)
+    return _validate(data, source, lines)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<checkpoint metadata>") -> Recipe:
     """Rebuild a recipe from ``Recipe.to_dict()`` output (as stored in checkpoints), checked
     exactly as a recipe file is."""
     try:
-        return _Validator(source, {}).recipe(data)
+        return _validate(data, source, {})
     except RecursionError:
         raise RecipeError(f"Invalid recipe ({source}): it is nested too deeply to read.") from None
 
@@ -685,95 +547,3 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
             f"Recipe {str(path)!r} cannot be read ({excerpt(str(exc))}); give a readable UTF-8 YAML file."
         ) from None
     return parse_recipe(text, source=str(path))
-
-
-# no control characters (Unicode category Cc), as the validator's ``printable``; the
-# description may also hold tabs and newlines
-_PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
-_PRINTABLE_LINES = r"^[^\u0000-\u0008\u000b-\u001f\u007f-\u009f]*$"
-
-
-def recipe_schema() -> dict[str, Any]:
-    """The recipe format as a JSON Schema, for editors that complete and check YAML."""
-    index = {"type": "integer", "minimum": -MAX_INDEX, "maximum": MAX_INDEX}
-    indices = {"type": "array", "items": index, "minItems": 1, "maxItems": MAX_ITEMS}
-    pattern = {"type": "string", "minLength": 1, "maxLength": MAX_PATTERN, "pattern": _PRINTABLE}
-    strings = {
-        "oneOf": [
-            pattern,
-            {"type": "array", "items": pattern, "minItems": 1, "maxItems": MAX_ITEMS},
-        ]
-    }
-    selector = {
-        "type": "object",
-        "additionalProperties": False,
-        "minProperties": 1,
-        "properties": {
-            "se": {"type": "boolean", "description": "The built-in SE detector."},
-            "path": {
-                **strings,
-                "description": "Globs over dotted module paths: * within a segment, ** across.",
-            },
-            "regex": {**strings, "description": "Regular expressions that must match a whole module path."},
-            "class": {**strings, "description": "Module class, short (SEModule) or qualified name."},
-            "stages": {
-                "oneOf": [{"const": "all"}, index, indices],
-                "description": "Stages by index into the model's feature_info; negative counts from the end.",
-            },
-            "blocks": {
-                "oneOf": [{"enum": ["all", "last"]}, index, indices],
-                "description": "Blocks within the selected stages.",
-            },
-            "placement": {"enum": list(PLACEMENTS), "description": "The article's three placements."},
-        },
-    }
-    eca = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "gamma": {"type": "number", "minimum": GAMMA_RANGE[0], "maximum": GAMMA_RANGE[1], "default": 2},
-            "b": {"type": "number", "minimum": B_RANGE[0], "maximum": B_RANGE[1], "default": 1},
-            "kernel_size": {
-                "oneOf": [
-                    {"type": "null"},
-                    {"type": "integer", "minimum": 1, "maximum": MAX_KERNEL, "not": {"multipleOf": 2}},
-                ],
-                "default": None,
-                "description": "A fixed odd kernel size instead of the adaptive rule.",
-            },
-            "gate": {"enum": list(GATES), "default": "sigmoid"},
-        },
-    }
-    rule = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["action", "select"],
-        "properties": {
-            "action": {"enum": list(ACTIONS)},
-            "where": {"enum": list(WHERE), "default": "after", "description": "For insert rules."},
-            "select": selector,
-            "eca": eca,
-            "optional": {
-                "type": "boolean",
-                "default": False,
-                "description": "Matching nothing is not an error.",
-            },
-        },
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "eca-surgery recipe",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["version", "rules"],
-        "properties": {
-            "version": {"const": RECIPE_VERSION},
-            "name": {"type": ["string", "null"], "maxLength": MAX_NAME, "pattern": _PRINTABLE},
-            "description": {
-                "type": ["string", "null"],
-                "maxLength": MAX_DESCRIPTION,
-                "pattern": _PRINTABLE_LINES,
-            },
-            "rules": {"type": "array", "items": rule, "minItems": 1, "maxItems": MAX_RULES},
-        },
-    }

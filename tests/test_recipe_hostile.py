@@ -629,6 +629,17 @@ INVALID_DATA = {
     "description-escape": _recipe(description="line\n\x1b]0;title\x07"),
     "path-escape": _with_select(path="layer1\x1b[31m"),
     "regex-c1-control": _with_select(regex=["layer\x9b1"]),
+    # found by tests/test_recipe_fuzz.py: Python's re let the old pattern's $ match before a
+    # final newline, and the schema did not state the rules between fields
+    "name-final-newline": _recipe(name="x\n"),
+    "placement-null": _with_select(placement=None),
+    "select-only-se-false": _recipe({"action": "replace", "select": {"se": False}}),
+    "insert-se": _recipe({"action": "insert", "select": {"se": True}}),
+    "replace-with-where": _recipe({**VALID_RULE, "where": "after"}),
+    "replace-with-placement": _recipe({"action": "replace", "select": {"placement": "backbone-end"}}),
+    "in-blocks-with-where": _recipe(
+        {"action": "insert", "where": "after", "select": {"placement": "in-blocks"}}
+    ),
 }
 
 

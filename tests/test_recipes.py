@@ -348,6 +348,26 @@ def test_recipe_check_by_name(name):
     assert "validrecipe" in squash(stdout)
 
 
+def test_format_description_agrees_with_the_records():
+    """The format's one description (recipe._RECIPE and the objects in it) and the record
+    classes say the same: each key's default is the record's default, and each key fills a
+    field of its record."""
+    import dataclasses
+
+    from eca_surgery import recipe
+    from eca_surgery.recipe_format import MISSING, Checker
+
+    for obj in (recipe._RECIPE, recipe._RULE, recipe._SELECTOR, recipe._ECA):
+        record_fields = {f.name: f for f in dataclasses.fields(obj.record)}
+        for spec in obj.fields:
+            field = record_fields[spec.attr or spec.key]
+            if spec.default is not MISSING:
+                assert spec.check(Checker("<test>", {}), spec.default, ()) == field.default, spec.key
+    assert recipe._SELECTOR.keys == {"se", "path", "regex", "class", "stages", "blocks", "placement"}
+    rule = recipe.recipe_schema()["properties"]["rules"]["items"]
+    assert set(rule["properties"]["select"]["properties"]) == recipe._SELECTOR.keys
+
+
 def test_recipe_schema():
     schema = json.loads(run_ok(["recipe", "schema"]))
     assert "$schema" in schema
