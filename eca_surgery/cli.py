@@ -93,6 +93,56 @@ ModelArgOpt = Annotated[
 ]
 
 
+ModelArg = Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")]
+PatchedArg = Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", help="Where to write the patched .safetensors checkpoint.")
+]
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Source weights of MODEL: .safetensors, or a .pth/.pt/.bin state_dict (read with weights_only=True).",
+    ),
+]
+PretrainedOpt = Annotated[
+    bool, typer.Option("--pretrained", help="Source weights: timm's pretrained weights (Hugging Face cache).")
+]
+NonStrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--non-strict", help="Load what fits of a checkpoint that does not fit, and report the rest."
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
+]
+TimmDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--timm-dir",
+        help="Also write a timm/Hugging Face folder (config.json + model.safetensors) that plain "
+        "timm loads with create_model('local-dir:DIR', pretrained=True).",
+    ),
+]
+InitOpt = Annotated[
+    Init,
+    typer.Option(
+        help="New ECA kernels: default (PyTorch's init), fit-se (least-squares fit to the SE block "
+        "each one replaces) or identity (inserted blocks start as the identity).",
+    ),
+]
+CalibDataOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--calib-data",
+        help="Folder of images (any depth) for --init fit-se/identity; without it, seeded noise.",
+    ),
+]
+
+
 def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for item in items or []:
@@ -267,7 +317,7 @@ def _main(
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
+    model: ModelArg,
     recipe: RecipeOpt = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
@@ -291,57 +341,18 @@ def inspect(
 
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")],
+    model: ModelArg,
     recipe: RecipeOpt = None,
-    output: Annotated[
-        Optional[str],
-        typer.Option("--output", "-o", help="Where to write the patched .safetensors checkpoint."),
-    ] = None,
-    checkpoint: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            help="Source weights of MODEL: .safetensors, or a .pth/.pt/.bin state_dict (read with weights_only=True).",
-        ),
-    ] = None,
-    pretrained: Annotated[
-        bool,
-        typer.Option("--pretrained", help="Source weights: timm's pretrained weights (Hugging Face cache)."),
-    ] = False,
-    non_strict: Annotated[
-        bool,
-        typer.Option(
-            "--non-strict", help="Load what fits of a checkpoint that does not fit, and report the rest."
-        ),
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show the plan only; build nothing, write nothing.")
-    ] = False,
+    output: OutputOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    non_strict: NonStrictOpt = False,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
     seed: Annotated[int, typer.Option(help="Seed for new ECA weights and the check input.")] = 0,
-    timm_dir: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--timm-dir",
-            help="Also write a timm/Hugging Face folder (config.json + model.safetensors) that plain "
-            "timm loads with create_model('local-dir:DIR', pretrained=True).",
-        ),
-    ] = None,
-    init: Annotated[
-        Init,
-        typer.Option(
-            help="New ECA kernels: default (PyTorch's init), fit-se (least-squares fit to the SE block "
-            "each one replaces) or identity (inserted blocks start as the identity).",
-        ),
-    ] = Init.DEFAULT,
-    calib_data: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--calib-data",
-            help="Folder of images (any depth) for --init fit-se/identity; without it, seeded noise.",
-        ),
-    ] = None,
+    timm_dir: TimmDirOpt = None,
+    init: InitOpt = Init.DEFAULT,
+    calib_data: CalibDataOpt = None,
     calib_size: Annotated[int, typer.Option(min=1, help="How many calibration inputs to use.")] = 64,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
@@ -392,7 +403,7 @@ def convert(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")],
+    path: PatchedArg,
     json_out: JsonOpt = False,
 ) -> None:
     """Rebuild a patched model from its checkpoint alone, load it strictly, and run it."""
@@ -454,58 +465,66 @@ def scan(
         render_scan(out, report)
 
 
+DataOpt = Annotated[
+    Path, typer.Option("--data", "-d", help="Folder of training images, at any depth; labels unused.")
+]
+HealOutputOpt = Annotated[str, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")]
+TeacherOpt = Annotated[
+    Optional[str],
+    typer.Option(help="timm name of the original model (default: the one PATCHED was converted from)."),
+]
+TeacherCheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--teacher-checkpoint", help="The teacher's weights (default: timm's pretrained weights, cached)."
+    ),
+]
+StepsOpt = Annotated[
+    int, typer.Option(min=1, help="Optimizer steps in all (a resumed run counts earlier ones).")
+]
+TrainOpt = Annotated[
+    Train, typer.Option(help="What trains: eca (new kernels), norm (those and norm layers) or all.")
+]
+FeatureWeightOpt = Annotated[
+    float, typer.Option(min=0.0, help="Weight of an MSE loss on forward_features maps (0: logits only).")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run that wrote OUTPUT, up to --steps.")
+]
+SaveEveryOpt = Annotated[int, typer.Option(min=0, help="Also write OUTPUT every N steps (0: at the end).")]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option(help="Device, e.g. cpu or cuda:1 (default: the GPU if any).")
+]
+WorkersOpt = Annotated[  # at most heal.MAX_WORKERS (not imported: it would load torch for --help)
+    int, typer.Option(min=0, max=256, help="DataLoader worker processes.")
+]
+
+
 @app.command()
 def heal(
-    patched: Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")],
-    data: Annotated[
-        Path, typer.Option("--data", "-d", help="Folder of training images, at any depth; labels unused.")
-    ],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")],
-    teacher: Annotated[
-        Optional[str],
-        typer.Option(help="timm name of the original model (default: the one PATCHED was converted from)."),
-    ] = None,
-    teacher_checkpoint: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--teacher-checkpoint", help="The teacher's weights (default: timm's pretrained weights, cached)."
-        ),
-    ] = None,
-    steps: Annotated[
-        int, typer.Option(min=1, help="Optimizer steps in all (a resumed run counts earlier ones).")
-    ] = 200,
+    patched: PatchedArg,
+    data: DataOpt,
+    output: HealOutputOpt,
+    teacher: TeacherOpt = None,
+    teacher_checkpoint: TeacherCheckpointOpt = None,
+    steps: StepsOpt = 200,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate (constant).")] = 1e-3,
-    train: Annotated[
-        Train, typer.Option(help="What trains: eca (new kernels), norm (those and norm layers) or all.")
-    ] = Train.NORM,
+    train: TrainOpt = Train.NORM,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per step (per process under torchrun).")
     ] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="Softmax temperature of the KL loss.")] = 1.0,
-    feature_weight: Annotated[
-        float, typer.Option(min=0.0, help="Weight of an MSE loss on forward_features maps (0: logits only).")
-    ] = 0.0,
+    feature_weight: FeatureWeightOpt = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the image order.")] = 0,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run that wrote OUTPUT, up to --steps.")
-    ] = False,
-    save_every: Annotated[
-        int, typer.Option(min=0, help="Also write OUTPUT every N steps (0: at the end).")
-    ] = 0,
-    device: Annotated[
-        Optional[str], typer.Option(help="Device, e.g. cpu or cuda:1 (default: the GPU if any).")
-    ] = None,
-    workers: Annotated[
-        int, typer.Option(min=0, max=256, help="DataLoader worker processes.")
-    ] = 0,  # heal.MAX_WORKERS
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    resume: ResumeOpt = False,
+    save_every: SaveEveryOpt = 0,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = 0,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Distil the original model into a patched one on unlabelled images, training only what --train says."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .heal import HealSettings, state_path
-    from .heal import heal as heal_model
     from .report import heal_report, leftover_notes, render_heal
     from .surgery import clean_outputs
 
@@ -520,6 +539,31 @@ def heal(
     )
     output = _file_path(output)
     _print_notes(leftover_notes(clean_outputs(output, state_path(output))))
+    options = dict(resume=resume, force=force, save_every=save_every, device=device, workers=workers)
+    result = _heal_with_progress(patched, data, output, teacher, teacher_checkpoint, settings, **options)
+    if result.rank != 0:
+        return
+    report = heal_report(result, output)
+    if json_out:
+        _print_json(report)
+    else:
+        render_heal(out, report)
+
+
+def _heal_with_progress(
+    patched: Path,
+    data: Path,
+    output: Path,
+    teacher: str | None,
+    teacher_checkpoint: Path | None,
+    settings: Any,
+    **options: Any,
+) -> Any:
+    """``heal.heal`` with a progress bar on stderr (on a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .heal import heal as heal_model
+
     columns = (
         TextColumn("healing"),
         BarColumn(),
@@ -528,32 +572,21 @@ def heal(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("heal", total=steps, loss=float("nan"), speed=0.0)
+        task = progress.add_task("heal", total=settings.steps, loss=float("nan"), speed=0.0)
 
         def on_step(step: int, total: int, loss: float, speed: float) -> None:
             progress.update(task, completed=step, loss=loss, speed=speed)
 
-        result = heal_model(
+        return heal_model(
             patched,
             data,
             output,
             teacher=teacher,
             teacher_checkpoint=teacher_checkpoint,
             settings=settings,
-            resume=resume,
-            force=force,
-            save_every=save_every,
-            device=device,
-            workers=workers,
             on_step=on_step,
+            **options,
         )
-    if result.rank != 0:
-        return
-    report = heal_report(result, output)
-    if json_out:
-        _print_json(report)
-    else:
-        render_heal(out, report)
 
 
 recipe_app = _Typer(help="Check recipes and print the recipe format's JSON Schema.", no_args_is_help=True)

@@ -249,38 +249,30 @@ def convert(
     """Load the source model, plan the recipe, apply it, check a forward pass, and write
     ``output`` (an eca-surgery checkpoint) and/or ``timm_dir`` (a folder plain timm loads).
 
-    Source weights come from ``checkpoint`` (safetensors, or a PyTorch state_dict read
-    with ``weights_only=True``), from timm's pretrained weights in the Hugging Face
-    cache (``pretrained``), or else from timm's random initialisation. With a file, the
-    model is built on the meta device and the weights assigned (nothing is initialised
-    twice); ``strict=False`` instead loads what fits and reports the rest.
-
-    The outputs are checked before any work (existing ones need ``force``; none may be
-    an input), with ``timm_dir`` a plan timm cannot build itself is refused before any
-    weights are read, and both are written atomically at the end. Without outputs the
-    result can be saved later with ``Conversion.save`` and ``Conversion.save_timm_dir``.
+    Source weights: ``checkpoint`` (safetensors, or a state_dict read with
+    ``weights_only=True``; assigned to a meta-device build, nothing initialised twice),
+    timm's cached ``pretrained`` weights, or else timm's random initialisation;
+    ``strict=False`` loads what fits and reports the rest. The outputs are checked before
+    any work (existing ones need ``force``; none may be an input; with ``timm_dir`` the
+    plan must be one timm builds itself) and written atomically at the end; without
+    them, save later with ``Conversion.save`` / ``Conversion.save_timm_dir``.
 
     ``check`` compares the output shape at the default input size on a meta-device twin
-    (before and after the plan) and runs the patched model on a small real input for
-    finite values; ``flops`` counts MACs on that twin; ``timm_native`` looks for timm
-    kwargs that build the patched model. With ``dry_run`` only the plan is made (and a
-    checkpoint's keys checked); nothing is built, run or written.
+    and runs the patched model on a small real input for finite values; ``flops`` counts
+    MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys).
 
-    ``init`` starts the new ECA kernels from PyTorch's default initialisation
-    (``default``, seeded by ``seed``), from a least-squares fit to the SE blocks they
-    replace (``fit-se``), or, for inserted blocks, as the identity (``identity``, which
-    gives them the ``double_sigmoid`` gate); see ``eca_surgery.init``. Both run the
-    model on ``calib_size`` calibration inputs, images from ``calib_data`` or seeded
-    noise, and report in ``Conversion.init`` how closely the patched model follows
-    the original there.
+    ``init`` starts the new kernels from PyTorch's initialisation (``default``, seeded by
+    ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
+    inserted blocks, the identity (``identity``); the last two run the model on
+    ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
+    ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
     """
     check_model_kwargs(model_kwargs, "model kwargs")
     recipe = as_recipe(recipe)
     outputs = _Outputs(_path(output), _path(timm_dir), force)
-    leftovers = []
-    if not dry_run:
-        inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
-        leftovers = outputs.check_before_work(inputs)
+    inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
+    leftovers = outputs.check_before_work(inputs) if not dry_run else []
     settings = dict(seed=seed, init=init, calib_data=calib_data, calib_size=calib_size, strict=strict)
     job = _prepare(model_name, recipe, model_kwargs, checkpoint, pretrained, dry_run, **settings)
     if timm_dir is not None:
