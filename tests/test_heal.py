@@ -125,7 +125,7 @@ def test_heal_user_errors(setup, tmp_path):
     msg = run_usage_error(heal_args(patched, root, out, "--train", "bias"), tmp_path)
     assert "--train" in msg and "'bias' is not one of 'eca', 'norm', 'all'" in msg
     msg = run_usage_error(heal_args(patched, root, out, "--steps", "0"), tmp_path)
-    assert "--steps" in msg and "0 is not in the range x>=1" in msg
+    assert "Invalid value for '--steps'" in msg and "greater than or equal to 1" in msg
     msg = run_fail(heal_args(patched, root, out, "--device", "banana"), tmp_path, out)
     assert "--device 'banana' is not a device" in msg
     msg = run_fail(heal_args(patched, root, out, "--device", "cuda:7"), tmp_path, out)

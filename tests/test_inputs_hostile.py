@@ -387,10 +387,9 @@ def _heal(root, patched, teacher, out, *extra):
 @pytest.mark.parametrize(
     "option, expected",
     [
-        (["--lr", "nan"], "--lr must be a positive finite number"),
         (["--lr", "inf"], "--lr must be a positive finite number"),
+        (["--lr", "0"], "--lr must be a positive finite number"),
         (["--temperature", "inf"], "--temperature must be a positive finite number"),
-        (["--feature-weight", "nan"], "--feature-weight must be a finite number"),
     ],
 )
 def test_heal_refuses_bad_numbers_before_any_work(heal_setup, tmp_path, option, expected):
@@ -401,17 +400,19 @@ def test_heal_refuses_bad_numbers_before_any_work(heal_setup, tmp_path, option, 
 @pytest.mark.parametrize(
     "option, expected",
     [
-        (["--workers", "-1"], "-1 is not in the range 0<=x<=256"),
-        (["--workers", "100000"], "100000 is not in the range 0<=x<=256"),
-        (["--save-every", "-1"], "-1 is not in the range x>=0"),
-        (["--steps", "0"], "0 is not in the range x>=1"),
-        (["--lr", "-1"], "-1.0 is not in the range x>=0"),
+        (["--workers", "-1"], "greater than or equal to 0"),
+        (["--workers", "100000"], "less than or equal to 256"),
+        (["--save-every", "-1"], "greater than or equal to 0"),
+        (["--steps", "0"], "greater than or equal to 1"),
+        (["--lr", "-1"], "greater than or equal to 0"),
+        (["--lr", "nan"], "greater than or equal to 0"),
+        (["--feature-weight", "nan"], "greater than or equal to 0"),
     ],
 )
 def test_heal_refuses_numbers_out_of_bounds_as_usage_errors(heal_setup, tmp_path, option, expected):
     out = tmp_path / "healed.safetensors"
     msg = run_usage_error(_heal(*heal_setup, out, "--steps", "2", *option), tmp_path)
-    assert option[0] in msg and expected in msg
+    assert f"Invalid value for '{option[0]}'" in msg and expected in msg
 
 
 def test_heal_with_a_huge_lr_stops_and_writes_nothing(heal_setup, tmp_path):
