@@ -1,20 +1,32 @@
-"""Reports: plans, SE blocks and parameter totals as JSON-ready dicts and as rich tables.
+"""Reports: what each command found or did, as JSON-ready dicts and as rich output.
 
-The dict functions are the single source of what is reported; the rich renderers
-only lay those dicts out, so ``--json`` and the tables always agree.
+The dict functions (``*_report``, ``*_to_dict``) are the single source of what is
+reported; the rich renderers only lay those dicts out, so ``--json`` and the tables
+always agree. Notes meant for the user (``*_notes``) name Python parameters in
+backticks, as library messages do (see ``errors.with_flags``).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
+from .errors import sample_keys
+
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .checkpoint import Patched
     from .detect import SEBlock
+    from .heal import HealResult
     from .plan import Plan
+    from .recipe import Recipe
+    from .scan import ScanResult
+    from .surgery import Conversion, Inspection
 
 
 def se_blocks_to_dict(blocks: list[SEBlock]) -> list[dict[str, Any]]:
@@ -252,3 +264,205 @@ def render_scan(console: Console, report: dict[str, Any], limit: int | None = No
         f"{report['without_se']} without, {report['failed']} failed to build. "
         "GMACs: multiply-adds at the default input size (FLOPs = 2 x MACs)."
     )
+
+
+def scan_report(result: ScanResult, limit: int | None = None) -> dict[str, Any]:
+    """A scan's counts over every model scanned, with its rows cut to ``limit``."""
+    return result.to_dict(limit)
+
+
+def inspect_report(result: Inspection) -> dict[str, Any]:
+    """What ``inspect`` found: the plan (or the totals alone), the MACs and the SE blocks."""
+    if result.plan is not None:
+        report = plan_to_dict(result.plan)
+    else:
+        report = {**totals_to_dict(result.model_name, result.params, None), "edits": []}
+    report.update(result.macs)
+    report["se_blocks"] = se_blocks_to_dict(result.se_blocks)
+    return report
+
+
+def render_inspect(console: Console, report: dict[str, Any]) -> None:
+    render_se_blocks(console, report["model"], report["se_blocks"])
+    if "recipe" in report:  # made with a recipe
+        render_plan(console, report)
+    render_totals(console, report)
+
+
+def convert_report(result: Conversion) -> dict[str, Any]:
+    """What ``convert`` did: the plan, MACs, source weights, checks, timm-native variant,
+    init, dtype, what a non-strict load left out, and the files written."""
+    report = plan_to_dict(result.plan)
+    report.update(result.macs)
+    report.update(
+        source_weights=result.source,
+        check=result.check,
+        dry_run=result.dry_run,
+        timm_native=result.native,
+        init=result.init,
+        dtype=result.dtype,
+    )
+    if not result.strict:
+        report["non_strict"] = result.loaded
+    for key, path in (("output", result.output), ("timm_dir", result.timm_dir)):
+        if path is not None:
+            report[key] = str(path)
+    return report
+
+
+def leftover_notes(paths: list[Path]) -> list[str]:
+    """A line for each temporary of a killed run that was removed."""
+    return [f"Removed {path}, left by an interrupted run." for path in paths]
+
+
+def convert_notes(result: Conversion) -> list[str]:
+    """Notes on a conversion the user should see: random source weights, what a
+    non-strict load left out."""
+    from .surgery import RANDOM_SOURCE
+
+    notes = []
+    if result.source == RANDOM_SOURCE and not result.dry_run:
+        notes.append(
+            "Note: no `checkpoint` or `pretrained`; the source weights are timm's random initialisation."
+        )
+    for label, keys in (
+        ("left at initialisation (missing)", result.loaded["missing"]),
+        ("ignored (unexpected or wrong shape)", result.loaded["ignored"]),
+    ):
+        if keys:
+            notes.append(f"Warning: `strict=False`: {len(keys)} weights {label}: {sample_keys(keys)}")
+    return notes
+
+
+def render_notes(console: Console, notes: list[str]) -> None:
+    for note in notes:
+        console.print(escape(note), highlight=False)
+
+
+def shape_text(shape: list) -> str:
+    """A shape as a tuple, ``(1, 1000)``; several (feature maps) separated by commas."""
+    if shape and isinstance(shape[0], list):
+        return ", ".join(shape_text(s) for s in shape)
+    return str(tuple(shape))
+
+
+def render_convert(console: Console, report: dict[str, Any]) -> None:
+    """The plan, totals and init of a ``convert_report``, then what was checked and written."""
+    render_plan(console, report)
+    render_totals(console, report)
+    render_init(console, report["init"])
+    check = report["check"]
+    if check:
+        console.print(
+            f"Forward check: output shape at {'x'.join(map(str, report.get('input_size', [])))} unchanged "
+            f"({shape_text(check['output_shape_at_default_size'])}); outputs on a "
+            f"{shape_text(check['input_shape'])} {report['dtype']} input are finite."
+        )
+    if report["dtype"] != "float32":
+        console.print(
+            f"The model keeps the checkpoint's dtype, {report['dtype']}: feed it inputs of that dtype "
+            "(or call .float() on the loaded model)."
+        )
+    native = report["timm_native"]
+    if native:
+        kw = json.dumps(native["kwargs"])
+        console.print(
+            f"timm builds this itself: timm.create_model({native['model']!r}, **{kw})", highlight=False
+        )
+    if report["dry_run"]:
+        console.print("Dry run: nothing was written.")
+    for key in ("output", "timm_dir"):
+        if key in report:
+            render_wrote(console, report[key])
+
+
+def render_wrote(console: Console, path: str) -> None:
+    console.print(f"Wrote [bold]{escape(path)}[/]")
+
+
+def verify_report(patched: Patched, check: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What ``verify`` found: the plan the file was patched by, its dtype, the check, and
+    the versions that wrote it."""
+    from .surgery import dtype_of
+
+    report = plan_to_dict(patched.plan)
+    report.update(
+        file=str(path),
+        dtype=dtype_of(patched.model),
+        check=check,
+        versions=asdict(patched.record.versions),
+    )
+    return report
+
+
+def render_verify(console: Console, report: dict[str, Any]) -> None:
+    render_plan(console, report)
+    render_totals(console, report)
+    check = report["check"]
+    console.print(
+        f"Verified {escape(report['file'])}: weights load strictly into {report['model']} patched by its "
+        f"recipe; forward {shape_text(check['input_shape'])} -> {shape_text(check['output_shape'])}, "
+        f"finite; dtype: {report['dtype']}."
+    )
+
+
+def heal_report(result: HealResult, output: str | Path) -> dict[str, Any]:
+    """What ``heal`` did: the steps run, the first and last loss, the speed and the settings."""
+    return {
+        "output": str(output),
+        "steps": result.step,
+        "resumed_from_step": result.start_step,
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
+        "images_per_s": result.images_per_s,
+        "settings": asdict(result.settings),
+    }
+
+
+def render_heal(console: Console, report: dict[str, Any]) -> None:
+    console.print(
+        f"Healed steps {report['resumed_from_step'] + 1}-{report['steps']} ({report['settings']['train']}): "
+        f"distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}, "
+        f"{report['images_per_s']:.1f} img/s"
+    )
+    render_wrote(console, report["output"])
+
+
+def recipes_report(recipes: dict[str, Path]) -> dict[str, Any]:
+    """The bundled recipes (name -> file), each with its description."""
+    from .recipe import load_recipe
+
+    rows = [
+        {"name": name, "description": load_recipe(path).description or "", "path": str(path)}
+        for name, path in sorted(recipes.items())
+    ]
+    return {"recipes": rows}
+
+
+def render_recipes(console: Console, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table("name", "description", title="Bundled recipes", title_justify="left")
+    for row in report["recipes"]:
+        table.add_row(row["name"], row["description"])
+    console.print(table)
+
+
+def recipe_check_report(recipe: Recipe, plan: Plan | None = None) -> dict[str, Any]:
+    """A valid recipe, and with a model the plan it gives."""
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "valid": True}
+    if plan is not None:
+        report["plan"] = plan_to_dict(plan)
+    return report
+
+
+def render_recipe_check(console: Console, recipe: Recipe, report: dict[str, Any]) -> None:
+    console.print(f"{escape(recipe.source)}: valid recipe, {len(recipe.rules)} rule(s).", highlight=False)
+    for i, rule in enumerate(recipe.rules):
+        where = f" {rule.where}" if rule.action == "insert" and rule.select.placement != "in-blocks" else ""
+        console.print(
+            f"  rule {i + 1}: {rule.action}{where} {escape(rule.select.describe())}", highlight=False
+        )
+    if "plan" in report:
+        render_plan(console, report["plan"])
+        render_totals(console, report["plan"])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .choices import Sort, choice
 from .errors import SurgeryError
 from .recipe import EcaOptions, Recipe, Rule, Selector
 
@@ -115,9 +116,27 @@ def scan(
     return ScanResult(rows, failures, without, scanned)
 
 
-SORT_KEYS: dict[str, Callable[[ScanRow], Any]] = {
-    "saving": lambda r: -r.saving,
-    "saving-pct": lambda r: -r.saving_pct,
-    "params": lambda r: -r.params_before,
-    "name": lambda r: r.model,
+SORT_KEYS: dict[Sort, Callable[[ScanRow], Any]] = {
+    Sort.SAVING: lambda r: -r.saving,
+    Sort.SAVING_PCT: lambda r: -r.saving_pct,
+    Sort.PARAMS: lambda r: -r.params_before,
+    Sort.NAME: lambda r: r.model,
 }
+
+
+def model_names(pattern: str = "*") -> list[str]:
+    """The timm models matching ``pattern``; a SurgeryError when none does."""
+    import timm
+
+    names = timm.list_models(pattern)
+    if not names:
+        raise SurgeryError(
+            f"No timm model matches {pattern!r}; try a wider pattern such as '*{pattern.strip('*')}*'."
+        )
+    return names
+
+
+def sort_rows(result: ScanResult, by: Sort | str = Sort.SAVING) -> ScanResult:
+    """``result`` with its rows in the order ``by`` names (largest saving first, ...)."""
+    result.rows.sort(key=SORT_KEYS[choice(Sort, by, "sort")])
+    return result

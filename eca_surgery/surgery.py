@@ -1,12 +1,13 @@
 """The tool's jobs as plain functions: inspect a model, convert it, verify a checkpoint.
 
-This is the Python API behind the CLI; it knows nothing of typer or rich.
+This is the Python API behind the CLI; it knows nothing of typer or rich. ``convert``
+owns the files it writes: it checks them before any work and writes them at the end.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
+from .choices import Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks
-from .errors import SurgeryError, summary
+from .errors import SurgeryError
 from .flops import count_macs_or_reason
-from .init import INITS, fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
+from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
     build_with_weights,
     check_fits,
@@ -29,10 +32,12 @@ from .models import (
     input_size,
     shapes_of,
 )
-from .native import check_native, find_native
+from .native import NOT_NATIVE, check_native, find_native
 from .plan import Plan, count_params, make_plan
 from .recipe import Recipe, load_recipe
 from .weights import pretrained_file, read_state_dict
+
+RANDOM_SOURCE = "random init (timm, pretrained=False)"
 
 
 @dataclass
@@ -46,6 +51,10 @@ class Inspection:
 
 @dataclass
 class Conversion:
+    """A converted model and what was done: the plan, the source weights, the checks, the
+    MACs, the timm-native variant (if timm builds it), what a non-strict load left out,
+    how the new kernels started, and the files ``convert`` wrote (if any)."""
+
     model: nn.Module
     plan: Plan
     model_kwargs: dict[str, Any]
@@ -55,11 +64,46 @@ class Conversion:
     native: dict[str, Any] | None = None
     loaded: dict[str, list[str]] = field(default_factory=lambda: {"missing": [], "ignored": []})
     init: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
+    dry_run: bool = False
+    strict: bool = True
+    output: Path | None = None
+    timm_dir: Path | None = None
+    leftovers: list[Path] = field(default_factory=list)
 
     @property
     def dtype(self) -> str:
         """The floating dtype of the converted model's weights (that of the source file)."""
         return dtype_of(self.model)
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the converted model as an eca-surgery checkpoint (safetensors, atomically)
+        that ``load_patched`` rebuilds: with the model kwargs, source weights, timm-native
+        variant and init record of this conversion. Returns the path written."""
+        from .checkpoint import CheckpointRecord, Provenance, write_checkpoint
+
+        self._check_weights()
+        record = CheckpointRecord.of(
+            self.plan, self.model_kwargs, Provenance(self.source, self.native, self.init)
+        )
+        return write_checkpoint(self.model, path, record, force)
+
+    def save_timm_dir(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write a timm / Hugging Face folder (config.json + model.safetensors) that plain
+        timm loads with ``create_model('local-dir:PATH', pretrained=True)``; refused when
+        timm cannot build this variant itself. Returns the folder written."""
+        from .native import save_timm_dir
+
+        self._check_weights()
+        if self.native is None:
+            raise SurgeryError(NOT_NATIVE.format(model=self.plan.model))
+        return save_timm_dir(self.native, self.model.state_dict(), path, force)
+
+    def _check_weights(self) -> None:
+        if self.dry_run:
+            raise SurgeryError(
+                "This conversion was a dry run (`dry_run=True`): it has a plan but no weights to save. "
+                "Convert again without `dry_run` to save it."
+            )
 
 
 def dtype_of(model: nn.Module) -> str:
@@ -112,18 +156,83 @@ def source_weights(
 ) -> tuple[Path | None, str]:
     """The file the source weights come from (None: random init) and a description of it."""
     if checkpoint is not None and pretrained:
-        raise SurgeryError("Pass either --checkpoint FILE or --pretrained, not both.")
+        raise SurgeryError("Pass either `checkpoint` (a file) or `pretrained`, not both.")
     if pretrained:
         return pretrained_file(model_name)
     if checkpoint is not None:
         return Path(checkpoint), str(checkpoint)
-    return None, "random init (timm, pretrained=False)"
+    return None, RANDOM_SOURCE
+
+
+def clean_outputs(*paths: str | Path) -> list[Path]:
+    """Remove the temporaries of ``paths`` left by killed runs; return what was removed."""
+    from .outputs import clean_leftovers
+
+    return [left for path in map(Path, paths) for left in clean_leftovers(path.parent, path.name)]
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Where ``convert`` writes: the checkpoint and/or the timm folder (None: not written)."""
+
+    output: Path | None
+    timm_dir: Path | None
+    force: bool
+
+    def check(self, size: int | None = None) -> None:
+        """Refuse outputs that may not be written (see ``outputs``); ``size``: bytes needed."""
+        from .checkpoint import check_output
+        from .native import check_timm_dir
+
+        if self.output is not None:
+            check_output(self.output, self.force, size)
+        if self.timm_dir is not None:
+            check_timm_dir(self.timm_dir, self.force, size)
+
+    def check_before_work(self, inputs: dict[str, str | Path | None]) -> list[Path]:
+        """Check each output, remove leftovers of killed runs (returned), and refuse an
+        output that is, holds or lies in one of ``inputs``."""
+        from .outputs import check_outputs_apart
+
+        self.check()
+        removed = clean_outputs(*(p for p in (self.output, self.timm_dir) if p is not None))
+        check_outputs_apart({"output": self.output, "timm folder": self.timm_dir}, inputs)
+        return removed
+
+    def write(self, result: Conversion) -> None:
+        if self.output is not None:
+            result.output = result.save(self.output, force=self.force)
+        if self.timm_dir is not None:
+            result.timm_dir = result.save_timm_dir(self.timm_dir, force=self.force)
+
+
+@dataclass
+class _Job:
+    """A conversion prepared before any weights are read: the checked settings, the source
+    weights, the meta-device build and the plan made on it."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    init: Init
+    seed: int
+    strict: bool
+    path: Path | None
+    source: str
+    calib_data: str | Path | None
+    calib_size: int
+    files: list[Path] | None
+    meta: nn.Module
+    plan: Plan
+    native: dict[str, Any] | None = None
 
 
 def convert(
     model_name: str,
     recipe: Recipe | str | Path,
     *,
+    output: str | Path | None = None,
+    timm_dir: str | Path | None = None,
+    force: bool = False,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     strict: bool = True,
@@ -132,133 +241,196 @@ def convert(
     flops: bool = True,
     timm_native: bool = True,
     seed: int = 0,
-    init: str = "default",
+    init: Init | str = Init.DEFAULT,
     calib_data: str | Path | None = None,
     calib_size: int = 64,
-    require_native: bool = False,
-    on_plan: Callable[[Plan], None] | None = None,
     **model_kwargs: Any,
 ) -> Conversion:
-    """Load the source model, plan the recipe, apply it and check a forward pass.
+    """Load the source model, plan the recipe, apply it, check a forward pass, and write
+    ``output`` (an eca-surgery checkpoint) and/or ``timm_dir`` (a folder plain timm loads).
 
-    Source weights come from ``checkpoint`` (safetensors, or a PyTorch state_dict read
-    with ``weights_only=True``), from timm's pretrained weights in the Hugging Face
-    cache (``pretrained``), or else from timm's random initialisation. With a file, the
-    model is built on the meta device and the weights assigned (nothing is initialised
-    twice); ``strict=False`` instead loads what fits and reports the rest.
+    Source weights: ``checkpoint`` (safetensors, or a state_dict read with
+    ``weights_only=True``; assigned to a meta-device build, nothing initialised twice),
+    timm's cached ``pretrained`` weights, or else timm's random initialisation;
+    ``strict=False`` loads what fits and reports the rest. The outputs are checked before
+    any work (existing ones need ``force``; none may be an input; with ``timm_dir`` the
+    plan must be one timm builds itself) and written atomically at the end; without
+    them, save later with ``Conversion.save`` / ``Conversion.save_timm_dir``.
 
-    The plan is made on the meta-device build that the weights are then assigned to.
     ``check`` compares the output shape at the default input size on a meta-device twin
-    (before and after the plan) and runs the patched model on a small real input for
-    finite values; ``flops`` counts MACs on that twin; ``timm_native`` looks for timm
-    kwargs that build the patched model. With ``dry_run`` only the plan is made (and a
-    checkpoint's keys checked); nothing is built or run.
+    and runs the patched model on a small real input for finite values; ``flops`` counts
+    MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys).
 
-    ``init`` starts the new ECA kernels from PyTorch's default initialisation
-    (``default``, seeded by ``seed``), from a least-squares fit to the SE blocks they
-    replace (``fit-se``), or, for inserted blocks, as the identity (``identity``, which
-    gives them the ``double_sigmoid`` gate); see ``eca_surgery.init``. Both run the
-    model on ``calib_size`` calibration inputs, images from ``calib_data`` or seeded
-    noise, and report in ``Conversion.init`` how closely the patched model follows
-    the original there.
-
-    Before any weights are loaded: with ``require_native``, a plan that timm cannot
-    build itself (see ``native.check_native``) is refused with the reason; ``on_plan``,
-    if given, is called with the plan and may raise to stop (e.g. an output check).
+    ``init`` starts the new kernels from PyTorch's initialisation (``default``, seeded by
+    ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
+    inserted blocks, the identity (``identity``); the last two run the model on
+    ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
+    ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
     """
     check_model_kwargs(model_kwargs, "model kwargs")
     recipe = as_recipe(recipe)
+    outputs = _Outputs(_path(output), _path(timm_dir), force)
+    inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
+    leftovers = outputs.check_before_work(inputs) if not dry_run else []
+    settings = dict(seed=seed, init=init, calib_data=calib_data, calib_size=calib_size, strict=strict)
+    job = _prepare(model_name, recipe, model_kwargs, checkpoint, pretrained, dry_run, **settings)
+    if timm_dir is not None:
+        job.native = check_native(model_name, model_kwargs, copy.deepcopy(job.meta), job.plan)
+    if not dry_run:
+        outputs.check(size=2 * job.plan.params_after)  # a lower bound: 2 bytes a parameter
+    _check_calibration_channels(job)
+    result = _plan_only(job, flops, timm_native) if dry_run else _convert(job, check, flops, timm_native)
+    result.leftovers = leftovers
+    if not dry_run:
+        outputs.write(result)
+    return result
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _prepare(
+    model_name: str,
+    recipe: Recipe,
+    model_kwargs: dict[str, Any],
+    checkpoint: str | Path | None,
+    pretrained: bool,
+    dry_run: bool,
+    *,
+    seed: int,
+    init: Init | str,
+    calib_data: str | Path | None,
+    calib_size: int,
+    strict: bool,
+) -> _Job:
+    """Check the settings, find the source weights, build the model on the meta device
+    (once) and make the plan there."""
     check_seed(seed)
-    if init not in INITS:
-        raise SurgeryError(f"Unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
-    if init == "default" and calib_data is not None:
-        raise SurgeryError("--calib-data is used by --init fit-se and --init identity; pass one of them.")
+    init = choice(Init, init, "init")
+    if init is Init.DEFAULT and calib_data is not None:
+        raise SurgeryError("`calib_data` is used by `init='fit-se'` and `init='identity'`; pass one of them.")
     if calib_size < 1:
-        raise SurgeryError(f"--calib-size must be at least 1, got {calib_size}.")
-    if init == "identity":
+        raise SurgeryError(f"`calib_size` must be at least 1, got {calib_size}.")
+    if init is Init.IDENTITY:
         recipe = recipe.with_insert_gate("double_sigmoid")
     files = image_files(calib_data) if calib_data is not None and not dry_run else None
     path, source = source_weights(model_name, checkpoint, pretrained)
-    what = f"Checkpoint {str(path)!r}"
     meta = create_model(model_name, meta=True, **model_kwargs).eval()
     plan = make_plan(meta, recipe, model_name)
     _check_init(init, meta, plan)
-    native = None
-    if require_native:
-        native = check_native(
-            model_name, model_kwargs, create_model(model_name, meta=True, **model_kwargs), plan
-        )
-    if on_plan is not None:
-        on_plan(plan)
-    if calib_data is not None and input_size(meta)[0] != 3:
+    return _Job(
+        model_name, model_kwargs, init, seed, strict, path, source, calib_data, calib_size, files, meta, plan
+    )
+
+
+def _check_init(init: Init, meta: nn.Module, plan: Plan) -> None:
+    if init is Init.FIT_SE and not fittable(meta, plan):
         raise SurgeryError(
-            f"Calibration images are read as RGB, but {model_name} is built to take {input_size(meta)[0]} "
-            "channel(s) (in_chans); calibrate on seeded noise instead (no --calib-data)."
-        )
-    if dry_run:
-        if path is not None and strict:
-            check_fits(meta, shapes_of(read_state_dict(path)), what, model_name)
-        macs = macs_before_after(meta, plan, count=flops)
-        if timm_native and native is None:
-            native = find_native(model_name, model_kwargs, meta, plan)
-        return Conversion(meta, plan, model_kwargs, source, None, macs, native)
-
-    expected = _meta_output_shape(meta) if check else None  # before any work: can the model run at all?
-    twin = create_model(model_name, meta=True, **model_kwargs).eval() if check or flops else None
-    torch.manual_seed(seed)
-    loaded = {"missing": [], "ignored": []}
-    if path is not None:
-        state = read_state_dict(path)
-        model, loaded = build_with_weights(
-            model_name, state, what, strict=strict, meta_model=meta, **model_kwargs
-        )
-    else:
-        model = create_model(model_name, **model_kwargs)
-    model.eval()
-    init_report = {"method": init}
-    if init == "default":
-        apply_plan(model, plan)
-    else:
-        batches, described = calibration_batches(model, calib_data, calib_size, seed=seed, files=files)
-        init_report = _initialise(model, plan, init, batches) | {"calibration": described}
-    result, macs = None, {}
-    if twin is not None:
-        macs = macs_before_after(twin, plan, count=flops)  # leaves ``twin`` patched
-        if check and _meta_output_shape(twin) != expected:
-            raise SurgeryError(
-                f"The patched model's output shape differs from the original's {expected}; the recipe "
-                "changed the model's function beyond channel attention. Report this with the recipe."
-            )
-        if check:
-            result = forward_check(model, _sample_input(model, seed))
-            result["output_shape_at_default_size"] = expected
-    if timm_native and native is None:  # found already when ``require_native``
-        native = find_native(model_name, model_kwargs, model, plan)
-    return Conversion(model, plan, model_kwargs, source, result, macs, native, loaded, init_report)
-
-
-def _check_init(init: str, meta: nn.Module, plan: Plan) -> None:
-    if init == "fit-se" and not fittable(meta, plan):
-        raise SurgeryError(
-            "--init fit-se fits each new ECA to the SE block it replaces, but this recipe replaces no "
-            "SE block. Use a recipe that replaces SE blocks (e.g. -r se-to-eca), or --init identity "
+            "`init='fit-se'` fits each new ECA to the SE block it replaces, but this recipe replaces no "
+            "SE block. Use a recipe that replaces SE blocks (e.g. se-to-eca), or `init='identity'` "
             "for inserted ECA blocks."
         )
-    if init == "identity" and not inserted(plan):
+    if init is Init.IDENTITY and not inserted(plan):
         raise SurgeryError(
-            "--init identity starts inserted ECA blocks as the identity, but this recipe inserts none "
-            "(it only replaces). Use --init fit-se to start replacing blocks from the SE they replace."
+            "`init='identity'` starts inserted ECA blocks as the identity, but this recipe inserts none "
+            "(it only replaces). Use `init='fit-se'` to start replacing blocks from the SE they replace."
         )
 
 
-def _initialise(model: nn.Module, plan: Plan, init: str, batches: list[torch.Tensor]) -> dict[str, Any]:
+def _check_calibration_channels(job: _Job) -> None:
+    channels = input_size(job.meta)[0]
+    if job.calib_data is not None and channels != 3:
+        raise SurgeryError(
+            f"Calibration images are read as RGB, but {job.model_name} is built to take {channels} "
+            "channel(s) (in_chans); calibrate on seeded noise instead (no `calib_data`)."
+        )
+
+
+def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
+    """A dry run: a checkpoint's keys checked against the meta build, MACs counted on it."""
+    if job.path is not None and job.strict:
+        check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.model_name)
+    macs = macs_before_after(job.meta, job.plan, count=flops)
+    native = job.native
+    if timm_native and native is None:
+        native = find_native(job.model_name, job.model_kwargs, job.meta, job.plan)
+    return Conversion(
+        job.meta, job.plan, job.model_kwargs, job.source, None, macs, native, dry_run=True, strict=job.strict
+    )
+
+
+def _what(job: _Job) -> str:
+    return f"Checkpoint {str(job.path)!r}"
+
+
+def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversion:
+    """Load the weights, apply the plan with the chosen init, and check the result on a
+    meta-device twin of the original (for shapes and MACs) and on a small real input."""
+    expected = meta_output_shape(job.meta) if check else None  # before any work: can the model run?
+    twin = copy.deepcopy(job.meta) if check or flops else None  # before the weights consume the build
+    model, loaded = _load_weights(job)
+    init_report = _start_kernels(model, job)
+    result, macs = None, {}
+    if twin is not None:
+        macs = macs_before_after(twin, job.plan, count=flops)  # leaves ``twin`` patched
+        if check:
+            result = _check(model, twin, expected, job.seed)
+    native = job.native
+    if timm_native and native is None:  # found already with ``timm_dir``
+        native = find_native(job.model_name, job.model_kwargs, model, job.plan)
+    return Conversion(
+        model, job.plan, job.model_kwargs, job.source, result, macs, native, loaded, init_report,
+        strict=job.strict,
+    )  # fmt: skip
+
+
+def _load_weights(job: _Job) -> tuple[nn.Module, dict[str, list[str]]]:
+    """The original model with its source weights (on the meta build where a file gives
+    them all), in eval mode; and what a non-strict load left out."""
+    torch.manual_seed(job.seed)
+    loaded: dict[str, list[str]] = {"missing": [], "ignored": []}
+    if job.path is not None:
+        state = read_state_dict(job.path)
+        model, loaded = build_with_weights(
+            job.model_name, state, _what(job), strict=job.strict, meta_model=job.meta, **job.model_kwargs
+        )
+    else:
+        model = create_model(job.model_name, **job.model_kwargs)
+    return model.eval(), loaded
+
+
+def _start_kernels(model: nn.Module, job: _Job) -> dict[str, Any]:
+    """Apply the plan to ``model`` and start the new kernels by ``job.init``; the init record."""
+    if job.init is Init.DEFAULT:
+        apply_plan(model, job.plan)
+        return {"method": job.init.value}
+    batches, described = calibration_batches(
+        model, job.calib_data, job.calib_size, seed=job.seed, files=job.files
+    )
+    return _initialise(model, job.plan, job.init, batches) | {"calibration": described}
+
+
+def _check(model: nn.Module, twin: nn.Module, expected: list, seed: int) -> dict[str, Any]:
+    """The forward check: the patched twin's output shape is the original's, and the
+    patched model's outputs on a small input are finite."""
+    shape = meta_output_shape(twin)
+    if shape != expected:
+        raise SurgeryError(SHAPE_CHANGED.format(shape="", expected=expected))
+    result = forward_check(model, sample_input(model, seed))
+    result["output_shape_at_default_size"] = expected
+    return result
+
+
+def _initialise(model: nn.Module, plan: Plan, init: Init, batches: list[torch.Tensor]) -> dict[str, Any]:
     """Apply ``plan`` to the loaded original ``model`` and set the new kernels by ``init``;
     the fits, and the fidelity with default init and with ``init``."""
-    edits = fittable(model, plan) if init == "fit-se" else inserted(plan)
-    problems, targets, reference = record_se(model, edits if init == "fit-se" else [], batches)
+    edits = fittable(model, plan) if init is Init.FIT_SE else inserted(plan)
+    problems, targets, reference = record_se(model, edits if init is Init.FIT_SE else [], batches)
     apply_plan(model, plan)
-    report: dict[str, Any] = {"method": init, "edits": [e.path for e in edits]}
-    if init == "fit-se":
+    report: dict[str, Any] = {"method": init.value, "edits": [e.path for e in edits]}
+    if init is Init.FIT_SE:
         report["fidelity_default"] = fidelity(reference, run(model, batches))
         report["blocks"] = [f.to_dict() for f in set_fitted(model, edits, problems, targets)]
     else:
@@ -267,80 +439,12 @@ def _initialise(model: nn.Module, plan: Plan, init: str, batches: list[torch.Ten
     return report
 
 
-def _meta_output_shape(meta: nn.Module) -> list:
-    x = torch.empty(1, *input_size(meta), device="meta")
-    with torch.no_grad():
-        return _shape_of(_run(meta, x))
-
-
-def _run(model: nn.Module, x: torch.Tensor):
-    """``model(x)``; a SurgeryError if the model cannot run on ``x`` (e.g. kwargs it was built
-    with that its forward pass cannot take, such as global_pool '' with a classifier)."""
-    try:
-        return model(x)
-    except Exception as exc:  # noqa: BLE001 - any error here means the model as built cannot run
-        reason = summary(exc, 300)
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-        raise SurgeryError(
-            f"The model {name} cannot run on a {'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')} "
-            f"input ({reason}). Check the model kwargs it was built with (e.g. global_pool, num_classes, "
-            "in_chans, input_size); global_pool '' (no pooling) needs num_classes=0 on most CNNs."
-        ) from None
-
-
-def _sample_input(model: nn.Module, seed: int) -> torch.Tensor:
-    """A small input (side at most 64, or the default size for fixed-size models)."""
-    ref = next(model.parameters())
-    c, h, w = input_size(model)
-    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size", False):
-        h, w = min(h, 64), min(w, 64)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, c, h, w, generator=gen).to(ref.device, ref.dtype)
-
-
-def _outputs(out) -> list[torch.Tensor]:
-    """The tensors of a model's output: one for a classifier, one per map for features_only."""
-    if isinstance(out, dict):
-        out = list(out.values())
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def _shape_of(out) -> list:
-    shapes = [list(t.shape) for t in _outputs(out)]
-    return shapes[0] if isinstance(out, torch.Tensor) else shapes
-
-
-@torch.no_grad()
-def forward_check(model: nn.Module, x: torch.Tensor, expected: list | None = None) -> dict[str, Any]:
-    """Run ``model`` on ``x``; raise unless the output has the expected shape(s) and is finite.
-
-    ``output_shape`` in the result is one shape, or a list of shapes for a model that
-    returns several feature maps.
-    """
-    out = _run(model, x)
-    shape = _shape_of(out)
-    finite = all(bool(torch.isfinite(t).all()) for t in _outputs(out))
-    if expected is not None and shape != expected:
-        raise SurgeryError(
-            f"The patched model's output shape {shape} differs from the original's {expected}; "
-            "the recipe changed the model's function beyond channel attention. Report this with the recipe."
-        )
-    if not finite:
-        raise SurgeryError("The patched model's output has NaN or infinite values; check the source weights.")
-    return {
-        "input_shape": list(x.shape),
-        "output_shape": shape,
-        "finite": finite,
-        "dtype": str(x.dtype).removeprefix("torch."),
-    }
-
-
 def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """Rebuild a patched checkpoint from the file alone, load it strictly and run it."""
     from .checkpoint import open_patched
 
     patched = open_patched(path)
-    check = forward_check(patched.model, _sample_input(patched.model, 0))
+    check = forward_check(patched.model, sample_input(patched.model, 0))
     if str(patched.plan.params_after) != patched.metadata.get("params_after"):
         raise SurgeryError(
             f"{str(path)!r}: the rebuilt model has {patched.plan.params_after} parameters but the file "

@@ -48,3 +48,16 @@ def run_fail(args: list[str], workdir: Path, output: Path | None = None) -> str:
         assert not output.exists()
     assert "Error:" in result.stderr
     return " ".join(result.stderr.split())
+
+
+def run_usage_error(args: list[str], workdir: Path) -> str:
+    """Run the CLI, expecting a usage error (a bad choice or a number out of bounds, which
+    typer refuses itself: exit code 2) that writes nothing; return the message, whitespace-
+    normalised and without the box typer draws around it."""
+    before = listing(workdir)
+    result = runner.invoke(app, args)
+    text = text_of(result)
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text
+    assert listing(workdir) == before, "the failed command created or changed files"
+    return " ".join(result.stderr.replace("│", " ").split())

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import timm
 import torch
-from cli_helpers import run_fail, run_ok
+from cli_helpers import run_fail, run_ok, run_usage_error
 from PIL import Image
 from randomised import assert_same_tensors, has_buffers, randomise_
 from safetensors import safe_open
@@ -122,10 +122,10 @@ def test_heal_user_errors(setup, tmp_path):
     out = tmp_path / "out.safetensors"
     msg = run_fail(heal_args(patched, root, out, "--resume"), tmp_path, out)
     assert "not written by `eca-surgery heal`" in msg or "does not exist" in msg
-    msg = run_fail(heal_args(patched, root, out, "--train", "bias"), tmp_path, out)
-    assert "Unknown --train 'bias'" in msg
-    msg = run_fail(heal_args(patched, root, out, "--steps", "0"), tmp_path, out)
-    assert "--steps must be at least 1" in msg
+    msg = run_usage_error(heal_args(patched, root, out, "--train", "bias"), tmp_path)
+    assert "--train" in msg and "'bias' is not one of 'eca', 'norm', 'all'" in msg
+    msg = run_usage_error(heal_args(patched, root, out, "--steps", "0"), tmp_path)
+    assert "Invalid value for '--steps'" in msg and "greater than or equal to 1" in msg
     msg = run_fail(heal_args(patched, root, out, "--device", "banana"), tmp_path, out)
     assert "--device 'banana' is not a device" in msg
     msg = run_fail(heal_args(patched, root, out, "--device", "cuda:7"), tmp_path, out)

@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from cli_helpers import run_fail, run_ok
+from cli_helpers import run_fail, run_ok, run_usage_error
 from PIL import Image
 from randomised import randomise_
 from safetensors import safe_open
@@ -310,8 +310,8 @@ def test_init_errors(small_se, tmp_path):
     assert "inserts none" in msg and "--init fit-se" in msg
     msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--model-arg", "classes"] + se, tmp_path)
     assert "--model-arg 'classes' is not KEY=VALUE" in msg
-    msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--init", "fitted"] + se, tmp_path)
-    assert "Unknown --init 'fitted'" in msg
+    msg = run_usage_error(["convert", "seresnet18", "-r", "se-to-eca", "--init", "fitted"] + se, tmp_path)
+    assert "--init" in msg and "'fitted' is not one of 'default', 'fit-se', 'identity'" in msg
     msg = run_fail(["convert", "seresnet18", "-r", "se-to-eca", "--calib-data", str(tmp_path)] + se, tmp_path)
     assert "--calib-data is used by --init fit-se" in msg
     empty = tmp_path / "empty"

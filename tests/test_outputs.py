@@ -603,7 +603,7 @@ def test_timm_dir_of_a_family_timm_cannot_build_is_refused_before_any_work(tmp_p
 
 def test_the_api_refuses_a_non_native_plan_when_asked(tmp_path):
     with pytest.raises(SurgeryError, match="kernel size 7 where timm would use 5"):
-        surgery.convert("seresnet18", load_recipe(_per_stage_recipe(tmp_path)), require_native=True)
+        surgery.convert("seresnet18", load_recipe(_per_stage_recipe(tmp_path)), timm_dir=tmp_path / "t")
     assert (
         surgery.convert("seresnet18", load_recipe(_per_stage_recipe(tmp_path)), dry_run=True).native is None
     )

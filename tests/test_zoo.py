@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import timm
 import torch
-from cli_helpers import run_fail, run_ok
+from cli_helpers import run_fail, run_ok, run_usage_error
 from randomised import assert_same_tensors, has_buffers, randomise_
 from safetensors.torch import load_file, save_file
 
@@ -62,7 +62,7 @@ def test_scan_reports_models_without_se_and_bad_patterns(tmp_path):
     report = json.loads(run_ok(["scan", "resnet18", "--json"]))
     assert report["with_se"] == 0 and report["without_se"] == 1
     assert "No timm model matches" in run_fail(["scan", "no_such_model_*"], tmp_path)
-    assert "--sort" in run_fail(["scan", "resnet18", "--sort", "size"], tmp_path)
+    assert "--sort" in run_usage_error(["scan", "resnet18", "--sort", "size"], tmp_path)
 
 
 def test_timm_dir_export_loads_in_plain_timm(tmp_path):

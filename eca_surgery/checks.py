@@ -1,0 +1,83 @@
+"""Checks that a model runs: its output shape on the meta device, and a finite forward pass
+on a small real input. Used by ``convert`` (before and after the plan) and ``verify``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError, summary
+from .models import input_size
+
+SHAPE_CHANGED = (
+    "The patched model's output shape {shape}differs from the original's {expected}; the recipe "
+    "changed the model's function beyond channel attention. Report this with the recipe."
+)
+
+
+def meta_output_shape(meta: nn.Module) -> list:
+    """The output shape(s) of ``meta`` (a meta-device model) at its default input size."""
+    x = torch.empty(1, *input_size(meta), device="meta")
+    with torch.no_grad():
+        return shape_of(run(meta, x))
+
+
+def run(model: nn.Module, x: torch.Tensor):
+    """``model(x)``; a SurgeryError if the model cannot run on ``x`` (e.g. kwargs it was built
+    with that its forward pass cannot take, such as global_pool '' with a classifier)."""
+    try:
+        return model(x)
+    except Exception as exc:  # noqa: BLE001 - any error here means the model as built cannot run
+        reason = summary(exc, 300)
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise SurgeryError(
+            f"The model {name} cannot run on a {'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')} "
+            f"input ({reason}). Check the model kwargs it was built with (e.g. global_pool, num_classes, "
+            "in_chans, input_size); global_pool '' (no pooling) needs num_classes=0 on most CNNs."
+        ) from None
+
+
+def sample_input(model: nn.Module, seed: int) -> torch.Tensor:
+    """A small input (side at most 64, or the default size for fixed-size models)."""
+    ref = next(model.parameters())
+    c, h, w = input_size(model)
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size", False):
+        h, w = min(h, 64), min(w, 64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, c, h, w, generator=gen).to(ref.device, ref.dtype)
+
+
+def outputs(out) -> list[torch.Tensor]:
+    """The tensors of a model's output: one for a classifier, one per map for features_only."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def shape_of(out) -> list:
+    shapes = [list(t.shape) for t in outputs(out)]
+    return shapes[0] if isinstance(out, torch.Tensor) else shapes
+
+
+@torch.no_grad()
+def forward_check(model: nn.Module, x: torch.Tensor, expected: list | None = None) -> dict[str, Any]:
+    """Run ``model`` on ``x``; raise unless the output has the expected shape(s) and is finite.
+
+    ``output_shape`` in the result is one shape, or a list of shapes for a model that
+    returns several feature maps.
+    """
+    out = run(model, x)
+    shape = shape_of(out)
+    finite = all(bool(torch.isfinite(t).all()) for t in outputs(out))
+    if expected is not None and shape != expected:
+        raise SurgeryError(SHAPE_CHANGED.format(shape=f"{shape} ", expected=expected))
+    if not finite:
+        raise SurgeryError("The patched model's output has NaN or infinite values; check the source weights.")
+    return {
+        "input_shape": list(x.shape),
+        "output_shape": shape,
+        "finite": finite,
+        "dtype": str(x.dtype).removeprefix("torch."),
+    }
