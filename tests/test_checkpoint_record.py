@@ -269,3 +269,9 @@ def test_a_tampered_parameter_count_fails_verify(tmp_path, saved):
     path.unlink()
     report = json.loads(run_ok(["verify", str(_write(tmp_path, saved, {})), "--json"]))
     assert report["params_after"] == after
+
+
+@pytest.mark.parametrize("path", sorted((FORMAT1.parent.parent / "format2").glob("*.safetensors")), ids=str)
+def test_the_format2_fixtures_load_with_the_planner_disabled(path, no_planner):
+    no_planner()
+    assert_same_tensors(load_file(path), load_patched(path).state_dict())
