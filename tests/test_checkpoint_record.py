@@ -230,31 +230,32 @@ MISFIT_NAMES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_damaged_metadata_is_one_clean_error(tmp_path, saved, case, no_planner):
-    no_planner()
-    changes, expected = _bad_metadata(saved[1])[case]
+def _refused(tmp_path, saved, changes: dict[str, str | None], expected: str) -> tuple[Path, str]:
+    """Load a copy of ``saved`` with ``changes`` by the API and verify it by the CLI: both must
+    refuse it with a message holding ``expected``; the API's message and the file."""
     path = _write(tmp_path, saved, changes)
     with pytest.raises(CheckpointError) as error:
         load_patched(path)
     message = str(error.value)
-    assert f"{str(path)!r} has damaged eca-surgery metadata" in message and "re-export it" in message
-    assert expected in message
+    assert expected in message and "re-export it" in message
     cli = run_fail(["verify", str(path)], tmp_path)
     assert str(path) in cli and expected in cli
+    return path, message
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_damaged_metadata_is_one_clean_error(tmp_path, saved, case, no_planner):
+    no_planner()
+    path, message = _refused(tmp_path, saved, *_bad_metadata(saved[1])[case])
+    assert f"{str(path)!r} has damaged eca-surgery metadata" in message
 
 
 @pytest.mark.parametrize("case", MISFIT_NAMES)
 def test_edits_that_do_not_fit_the_model_are_refused(tmp_path, saved, case, no_planner):
     no_planner()
-    changes, expected = _misfits(saved[1])[case]
-    path = _write(tmp_path, saved, changes)
-    with pytest.raises(CheckpointError) as error:
-        load_patched(path)
-    message = str(error.value)
+    path, message = _refused(tmp_path, saved, *_misfits(saved[1])[case])
     assert message.startswith(f"Checkpoint {str(path)!r} holds edits that do not fit test_efficientnet")
-    assert "edit 0 (" in message and expected in message and "re-export it" in message
-    assert expected in " ".join(run_fail(["verify", str(path)], tmp_path).split())
+    assert "edit 0 (" in message
 
 
 def test_a_tampered_parameter_count_fails_verify(tmp_path, saved):
