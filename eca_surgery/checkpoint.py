@@ -1,9 +1,15 @@
-"""Patched-model checkpoints: safetensors weights plus the metadata that rebuilds the architecture.
+"""Patched-model checkpoints: safetensors weights plus the record that rebuilds the architecture.
 
-The metadata (all strings, as safetensors requires) records the source timm model
-name and kwargs, the recipe, the parameter counts and the versions that wrote the
-file. ``load_patched`` rebuilds the source architecture on the meta device, re-applies
-the recipe and loads the weights strictly by assignment.
+The metadata (all strings, as safetensors requires) is a :class:`CheckpointRecord`: the
+source timm model name and kwargs, the recipe and the edits it resolved to, the
+provenance of the weights and the versions that wrote the file. Format 2 stores the
+edits themselves, so ``load_patched`` rebuilds the source architecture on the meta
+device, applies the stored edits (no probing, no planning: a file loads whatever
+today's planner would choose) and loads the weights strictly by assignment. Format 1
+files stored the recipe only; they are still read, by planning the recipe again.
+
+Everything read from a file is treated as hostile: every field is parsed strictly,
+typed and bounded, and anything damaged is a CheckpointError naming the file.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .detect import qualified_name
+from .edits import Edit
+from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
     check_fits,
@@ -37,7 +45,11 @@ from .recipe import Recipe, recipe_from_dict
 from .weights import check_tensors, read_safetensors
 
 FORMAT = "eca-surgery"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+MAX_EDITS = 10_000  # far more than any timm model has places for ECA
+MAX_DIGITS = 15  # of a parameter count
+MAX_SOURCE = 4096
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,32 @@ class Provenance:
     native: dict[str, Any] | None = None
     init: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
     heal: dict[str, Any] | None = None
+
+    def to_metadata(self) -> dict[str, str]:
+        """The provenance as metadata entries (a ``heal`` entry only once healed)."""
+        heal = {"heal": _json(self.heal)} if self.heal is not None else {}
+        return {
+            "source_weights": self.source,
+            "timm_native": _json(self.native),
+            "init": _json(self.init),
+            **heal,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], strict: bool = True) -> Provenance:
+        """The provenance in ``metadata``; ValueError for a damaged entry, unless not ``strict``
+        (format 1, where these were records kept along: a damaged one reads as missing)."""
+        source = metadata.get("source_weights", "")
+        if not isinstance(source, str) or len(source) > MAX_SOURCE:
+            if strict:
+                raise ValueError(f"its source_weights is not a path of at most {MAX_SOURCE} characters")
+            source = ""
+        return cls(
+            source,
+            _json_record(metadata, "timm_native", None, strict),
+            _json_record(metadata, "init", {"method": "default"}, strict, required=strict),
+            _json_record(metadata, "heal", None, strict),
+        )
 
 
 @dataclass(frozen=True)
@@ -68,17 +106,31 @@ class Versions:
 
         return cls(__version__, timm.__version__, torch.__version__)
 
+    def to_metadata(self) -> dict[str, str]:
+        return {f"{k}_version": v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> Versions:
+        """The versions in ``metadata``; one that is not a short printable string reads as None
+        (they are shown, never used)."""
+        found = [metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")]
+        return cls(*(v if isinstance(v, str) and len(v) <= 100 and v.isprintable() else None for v in found))
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
     """What a patched checkpoint says of itself: the source model and its kwargs, the plan
-    (the recipe and the edits it made), the provenance, and the versions that wrote it."""
+    (the recipe and the edits it made), the provenance, and the versions that wrote it.
+
+    ``params_recorded`` is the parameter count the file records (None for a record not
+    read from a file); it takes no part in comparisons."""
 
     model: str
     model_kwargs: dict[str, Any]
     plan: Plan
     provenance: Provenance = field(default_factory=Provenance)
     versions: Versions = field(default_factory=Versions)
+    params_recorded: int | None = field(default=None, compare=False)
 
     @classmethod
     def of(
@@ -88,15 +140,39 @@ class CheckpointRecord:
         return cls(plan.model, dict(model_kwargs), plan, provenance or Provenance(), Versions.current())
 
     def to_metadata(self) -> dict[str, str]:
-        """The record as safetensors metadata (all strings)."""
-        return make_metadata(
-            self.plan,
-            self.model_kwargs,
-            self.provenance.source,
-            self.provenance.native,
-            self.provenance.init,
-            self.provenance.heal,
-        )
+        """The record as format-2 safetensors metadata (all strings): the one place it is written."""
+        plan = self.plan
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "model_kwargs": _json(self.model_kwargs),
+            "recipe": plan.recipe.to_json(),
+            "edits": _json([e.to_dict() for e in plan.edits]),
+            "rule_matches": _json(list(plan.rule_matches)),
+            "params_before": str(plan.params_before),
+            "params_after": str(plan.params_after),
+            **self.provenance.to_metadata(),
+            **self.versions.to_metadata(),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], path: str | Path) -> CheckpointRecord:
+        """The record in a checkpoint's ``metadata`` (of the file ``path``), checked as untrusted
+        input: the one place metadata is read. A CheckpointError (a RecipeError for a bad
+        recipe) names the file and the damage. Format 1 stored no edits: its plan comes from
+        planning the recipe again on a meta-device build."""
+        name, kwargs, recipe = read_metadata(metadata, path)
+        if metadata["format_version"] == "1":
+            plan = make_plan(create_model(name, meta=True, **kwargs), recipe, name)
+            provenance = Provenance.from_metadata(metadata, strict=False)
+            return cls(name, kwargs, plan, provenance, Versions.from_metadata(metadata), _recorded(metadata))
+        try:
+            plan = _stored_plan(metadata, name, recipe)
+            provenance = Provenance.from_metadata(metadata)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _damaged(path, exc) from None
+        return cls(name, kwargs, plan, provenance, Versions.from_metadata(metadata), plan.params_after)
 
     def with_heal(self, heal: dict[str, Any]) -> CheckpointRecord:
         """This record with ``heal`` as its heal record, written with the current versions."""
@@ -124,36 +200,229 @@ class Patched:
         return self.record.model_kwargs
 
 
-def make_metadata(
-    plan: Plan,
-    model_kwargs: dict[str, Any],
-    source: str,
-    native: dict[str, Any] | None = None,
-    init: dict[str, Any] | None = None,
-    heal: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """The metadata of a patched checkpoint; ``init`` and ``heal`` say how its new
-    weights were started and trained, when they were."""
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _damaged(path: str | Path, exc: BaseException) -> CheckpointError:
+    """The error for metadata that cannot be what eca-surgery wrote."""
+    reason = f"no {exc.args[0]!r} entry" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    return CheckpointError(
+        f"{str(path)!r} has damaged eca-surgery metadata ({reason[:300]}), so the patched model cannot be "
+        "rebuilt from it; re-export it (`eca-surgery convert`, or save_patched) from the source weights."
+    )
+
+
+def _json_record(
+    metadata: dict[str, str], key: str, default: Any, strict: bool, required: bool = False
+) -> Any:
+    """The JSON object (or null) stored under ``key``; ``default`` where it is missing
+    (ValueError if ``required``). A damaged one is a ValueError if ``strict``, else ``default``."""
+    if key not in metadata:
+        if required:
+            raise KeyError(key)
+        return default
+    try:
+        value = loads_strict(metadata[key])
+    except (TypeError, ValueError):
+        if strict:
+            raise ValueError(f"its {key} record is not JSON") from None
+        return default
+    if value is None and default is None:
+        return None
+    if not isinstance(value, dict):
+        if strict:
+            raise ValueError(f"its {key} record is not a JSON object")
+        return default
+    return value
+
+
+def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict[str, Any], Recipe]:
+    """Model name, kwargs and recipe from a checkpoint's metadata; error if it is not ours."""
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but was not written by eca-surgery "
+            "(its metadata has no 'format: eca-surgery'), so the patched architecture cannot "
+            "be rebuilt from it. Pass a file written by `eca-surgery convert`."
+        )
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{str(path)!r} uses checkpoint format version {str(metadata.get('format_version'))[:40]!r}; "
+            f"this eca-surgery reads versions {' and '.join(READABLE_VERSIONS)}. Upgrade eca-surgery."
+        )
+    try:
+        name, kwargs, recipe = (
+            metadata["model"],
+            loads_strict(metadata["model_kwargs"]),
+            loads_strict(metadata["recipe"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(path, exc) from None
+    if not isinstance(name, str) or not name or ":" in name:
+        raise CheckpointError(
+            f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
+            "name; re-export it."
+        )
+    check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError)
+    if not isinstance(recipe, dict):
+        raise CheckpointError(
+            f"{str(path)!r} has damaged eca-surgery metadata (its recipe is not an object); re-export it."
+        )
+    return name, kwargs, recipe_from_dict(recipe, source=f"{path} metadata")
+
+
+def _stored_plan(metadata: dict[str, str], name: str, recipe: Recipe) -> Plan:
+    """The plan a format-2 file stores (its edits, rule match counts and parameter counts),
+    checked against itself and its recipe; ValueError (or KeyError) for anything damaged."""
+    edits = _edits(loads_strict(metadata["edits"]))
+    matches = loads_strict(metadata["rule_matches"])
+    if not isinstance(matches, list) or any(type(m) is not int for m in matches):
+        raise ValueError("its rule_matches is not a list of integers")
+    plan = Plan(name, recipe, edits, _count(metadata["params_before"], "params_before"), tuple(matches))
+    _check_counts(plan, _count(metadata["params_after"], "params_after"))
+    return plan
+
+
+def _edits(data: Any) -> tuple[Edit, ...]:
+    """The edits of a format-2 file, each checked by ``Edit.from_dict``."""
+    if not isinstance(data, list):
+        raise ValueError("its edits are not a list")
+    if len(data) > MAX_EDITS:
+        raise ValueError(f"it lists {len(data)} edits, more than the {MAX_EDITS} any model takes")
+    edits = []
+    for index, item in enumerate(data):
+        try:
+            edits.append(Edit.from_dict(item))
+        except ValueError as exc:
+            raise ValueError(f"edit {index}: {exc}") from None
+    paths = [e.eca_path for e in edits]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"two edits put an ECA block at {next(p for p in paths if paths.count(p) > 1)!r}")
+    return tuple(edits)
+
+
+def _count(text: Any, key: str) -> int:
+    """A parameter count written as plain decimal digits."""
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+        raise ValueError(f"its {key} {str(text)[:40]!r} is not a parameter count")
+    return int(text)
+
+
+def _check_counts(plan: Plan, params_after: int) -> None:
+    """ValueError unless each edit names a rule of the recipe with its action, the rule match
+    counts count the edits, and the parameter counts add up."""
+    rules = plan.recipe.rules
+    counts = [0] * len(rules)
+    for edit in plan.edits:
+        if edit.rule >= len(rules) or rules[edit.rule].action != edit.action:
+            raise ValueError(f"edit at {edit.path!r} names no {edit.action} rule {edit.rule} of its recipe")
+        counts[edit.rule] += 1
+    if tuple(counts) != plan.rule_matches:
+        raise ValueError(
+            f"its rule_matches {list(plan.rule_matches)[:20]} do not count its edits {counts[:20]}"
+        )
+    if plan.params_after != params_after:
+        raise ValueError(
+            f"its params_after {params_after} is not params_before less the removed and plus the added "
+            f"parameters of its edits ({plan.params_after})"
+        )
+
+
+def _recorded(metadata: dict[str, str]) -> int | None:
+    """The parameter count a format-1 file records, or None where it is missing or damaged."""
+    try:
+        return _count(metadata.get("params_after"), "params_after")
+    except ValueError:
+        return None
+
+
+def rebuild(record: CheckpointRecord, what: str, meta: bool = False) -> nn.Module:
+    """``record``'s model built with its kwargs and patched by its edits, without planning:
+    on the meta device (``meta``), or ready to be filled by a state_dict (``models.loadable``).
+    A CheckpointError names the first edit that does not fit the model timm builds now."""
+    from .apply import apply_plan
+
+    name, kwargs = record.model, record.model_kwargs
+    model = create_model(name, meta=True, **kwargs)
+    if not meta:
+        model = loadable(model, name, **kwargs)
+    check_edits_fit(model, record, what)
+    try:
+        apply_plan(model, record.plan)
+    except (SurgeryError, AttributeError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{what}: its edits cannot be applied to {name} as this timm builds it ({summary(exc)}). "
+            f"{_refit_hint(record)}"
+        ) from None
+    return model
+
+
+def check_edits_fit(model: nn.Module, record: CheckpointRecord, what: str) -> None:
+    """Refuse, before anything is changed, edits that do not fit ``model`` (what
+    ``apply.check_applicable`` checks, and also that an insert's new name is free in a module
+    that may hold it, and that no edit lies inside a module another edit replaces)."""
     import timm
 
-    from . import __version__
+    replaced = {e.path for e in record.plan.edits if not e.position.inserts}
+    for index, edit in enumerate(record.plan.edits):
+        misfit = _misfit(model, edit) or _inside_replaced(edit, replaced)
+        if misfit is not None:
+            expected, found = misfit
+            raise CheckpointError(
+                f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
+                f"it: edit {index} ({edit.position.value} at {edit.path[:200]!r}) expects {expected}, but "
+                f"the model has {found}. {_refit_hint(record)}"
+            )
 
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": plan.model,
-        "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
-        "recipe": plan.recipe.to_json(),
-        "source_weights": source,
-        "timm_native": json.dumps(native, sort_keys=True),
-        "init": json.dumps(init or {"method": "default"}, sort_keys=True),
-        **({"heal": json.dumps(heal, sort_keys=True)} if heal is not None else {}),
-        "params_before": str(plan.params_before),
-        "params_after": str(plan.params_after),
-        "eca_surgery_version": __version__,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-    }
+
+def _refit_hint(record: CheckpointRecord) -> str:
+    return (
+        f"The file was written with timm {record.versions.timm or '(unknown)'}: load it with that timm, or "
+        "re-export it from the source weights with this one."
+    )
+
+
+def _find(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _misfit(model: nn.Module, edit: Edit) -> tuple[str, str] | None:
+    """(what ``edit`` expects, what ``model`` has) where the edit does not fit, else None."""
+    target = _find(model, edit.path)
+    parent_path, _, name = edit.path.rpartition(".")
+    if edit.position == "in-place":
+        found = "nothing there" if target is None else f"a {qualified_name(type(target))}"
+        return (
+            None if target is not None and found == f"a {edit.old_class}" else (f"a {edit.old_class}", found)
+        )
+    if edit.position == "slot":
+        parent = _find(model, parent_path)
+        value = getattr(parent, name, model) if parent is not None else model  # ``model``: no attribute
+        if value is None or type(value) is nn.Identity:
+            return None
+        found = "no such attribute" if value is model else f"a {qualified_name(type(value))}"
+        return "an empty attention slot (None or an Identity)", found
+    if target is None:
+        return f"a {edit.old_class}", "nothing there"
+    owner_path, _, new = edit.eca_path.rpartition(".")
+    if owner_path not in (edit.path, parent_path):
+        return f"its ECA block inside {edit.path!r} or its parent", f"it at {edit.eca_path[:200]!r}"
+    owner = _find(model, owner_path)
+    if owner is None or hasattr(owner, new):
+        return f"no {new[:100]!r} in {owner_path or 'the model'!r} yet", "one already"
+    return None
+
+
+def _inside_replaced(edit: Edit, replaced: set[str]) -> tuple[str, str] | None:
+    """A misfit where ``edit`` acts inside a module that another edit replaces."""
+    parts = edit.path.split(".")
+    inside = [p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in replaced]
+    if inside:
+        return "a module no other edit replaces", f"it inside {inside[0][:200]!r}, which an edit replaces"
+    return None
 
 
 def check_output(path: str | Path, force: bool, size: int | None = None) -> Path:
@@ -170,10 +439,12 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def write_checkpoint(
     model: nn.Module, path: str | Path, record: CheckpointRecord, force: bool = False
 ) -> Path:
-    """Write ``model``'s state_dict with ``record`` as metadata to ``path`` atomically,
-    after checking that the record rebuilds exactly these tensors."""
+    """Write ``model``'s state_dict with ``record`` (stamped with the current versions) as
+    metadata to ``path`` atomically, after checking that the metadata rebuilds exactly these
+    tensors."""
     tensors = _unshared(model.state_dict())
-    check_rebuildable(tensors, record.plan, record.model_kwargs)
+    record = replace(record, versions=Versions.current())
+    check_rebuildable(tensors, record)
     metadata = record.to_metadata()
     return atomic_write_file(
         path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
@@ -202,18 +473,18 @@ def save_patched(
     return write_checkpoint(model, path, CheckpointRecord.of(plan, model_kwargs or {}, provenance), force)
 
 
-def check_rebuildable(tensors: dict[str, torch.Tensor], plan: Plan, model_kwargs: dict[str, Any]) -> None:
+def check_rebuildable(tensors: dict[str, torch.Tensor], record: CheckpointRecord) -> None:
     """Refuse, before anything is written, to save ``tensors`` with metadata that would not
-    rebuild them: ``plan``'s model built with ``model_kwargs`` and patched by its recipe
-    must have exactly these keys and shapes, as ``load_patched`` will require."""
-    from .apply import apply_plan
-
-    check_model_kwargs(model_kwargs, "model_kwargs", CheckpointError)
-    rebuilt = create_model(plan.model, meta=True, **model_kwargs)
-    apply_plan(rebuilt, make_plan(rebuilt, plan.recipe, plan.model))
+    rebuild them: ``record`` written as metadata and read back, its model built with its
+    kwargs and patched by its edits, must have exactly these keys and shapes, as
+    ``load_patched`` will require."""
+    check_model_kwargs(record.model_kwargs, "model_kwargs", CheckpointError)
+    what = "The model to save"
     try:
-        check_fits(rebuilt, shapes_of(tensors), "The model to save", f"{plan.model} patched by its recipe")
-        check_kinds(rebuilt, tensors, "The model to save")
+        stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")
+        rebuilt = rebuild(stored, what, meta=True)
+        check_fits(rebuilt, shapes_of(tensors), what, f"{record.model} patched by its edits")
+        check_kinds(rebuilt, tensors, what)
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc} Nothing was written: the file could not be loaded again. Save the model together "
@@ -260,84 +531,20 @@ def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict[str, Any], Recipe]:
-    """Model name, kwargs and recipe from a checkpoint's metadata; error if it is not ours."""
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} is a safetensors file but was not written by eca-surgery "
-            "(its metadata has no 'format: eca-surgery'), so the patched architecture cannot "
-            "be rebuilt from it. Pass a file written by `eca-surgery convert`."
-        )
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} uses checkpoint format version {metadata.get('format_version')!r}; "
-            f"this eca-surgery reads version {FORMAT_VERSION}. Upgrade eca-surgery."
-        )
-    try:
-        name, kwargs, recipe = (
-            metadata["model"],
-            loads_strict(metadata["model_kwargs"]),
-            loads_strict(metadata["recipe"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{str(path)!r} has damaged eca-surgery metadata ({type(exc).__name__}: {str(exc)[:100]}); "
-            "re-export it."
-        ) from None
-    if not isinstance(name, str) or not name or ":" in name:
-        raise CheckpointError(
-            f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
-            "name; re-export it."
-        )
-    check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError)
-    if not isinstance(recipe, dict):
-        raise CheckpointError(
-            f"{str(path)!r} has damaged eca-surgery metadata (its recipe is not an object); re-export it."
-        )
-    return name, kwargs, recipe_from_dict(recipe, source=f"{path} metadata")
-
-
 def open_patched(path: str | Path) -> Patched:
-    """Rebuild the patched model stored in ``path`` and load its weights strictly."""
-    from .apply import apply_plan
-
+    """Rebuild the patched model stored in ``path`` and load its weights strictly: the source
+    model built on the meta device and patched by the file's edits (format 1: by its recipe,
+    planned again), then filled by assignment."""
     tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
-    name, kwargs, recipe = read_metadata(metadata, path)
+    record = CheckpointRecord.from_metadata(metadata, path)
     what = f"Checkpoint {str(path)!r}"
     check_tensors(tensors, what)
-    model = loadable(create_model(name, meta=True, **kwargs), name, **kwargs)
-    plan = make_plan(model, recipe, name)
-    apply_plan(model, plan)
-    check_fits(model, shapes_of(tensors), what, f"{name} patched by its recipe")
+    model = rebuild(record, what)
+    check_fits(model, shapes_of(tensors), what, f"{record.model} patched by its edits")
     check_kinds(model, tensors, what)
     load_into(model, tensors)
     model.eval()
-    record = CheckpointRecord(name, kwargs, plan, _provenance(metadata), _versions(metadata))
     return Patched(model, record, metadata)
-
-
-def _json_record(metadata: dict[str, str], key: str, default: Any) -> Any:
-    """The JSON object stored under ``key`` (a record kept along, not needed to rebuild the
-    model), or ``default`` where it is missing or damaged."""
-    try:
-        value = loads_strict(metadata[key])
-    except (KeyError, TypeError, ValueError):
-        return default
-    return value if isinstance(value, dict) else default
-
-
-def _provenance(metadata: dict[str, str]) -> Provenance:
-    source = metadata.get("source_weights", "")
-    return Provenance(
-        source if isinstance(source, str) else "",
-        _json_record(metadata, "timm_native", None),
-        _json_record(metadata, "init", {"method": "default"}),
-        _json_record(metadata, "heal", None),
-    )
-
-
-def _versions(metadata: dict[str, str]) -> Versions:
-    return Versions(*(metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")))
 
 
 def load_patched(path: str | Path) -> nn.Module:

@@ -59,7 +59,7 @@ def _feature_hint(name: str, kwargs: Mapping[str, Any]) -> str:
     )
 
 
-# Model kwargs: what --model-arg and a checkpoint's metadata may pass to timm.create_model.
+# Model kwargs: what `model_kwargs` (the CLI's --model-arg) and a checkpoint's metadata may pass to timm.create_model.
 # Only architecture and head options: nothing that names a file, a URL or a Hub repo, or
 # asks for pretrained weights (pretrained, pretrained_cfg, checkpoint_path, cache_dir, ...),
 # and every value typed and bounded, so a checkpoint from someone else cannot make timm
@@ -177,7 +177,7 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
 def check_seed(seed: int) -> None:
     """Refuse a seed that is not an integer torch can take (-2**63 to 2**64 - 1)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
-        raise SurgeryError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {str(seed)[:40]}.")
+        raise SurgeryError(f"`seed` must be an integer from -2**63 to 2**64 - 1, got {str(seed)[:40]}.")
 
 
 def check_model_kwargs(kwargs: Any, where: str, error: type[SurgeryError] = SurgeryError) -> dict[str, Any]:

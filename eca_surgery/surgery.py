@@ -445,9 +445,9 @@ def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
     patched = open_patched(path)
     check = forward_check(patched.model, sample_input(patched.model, 0))
-    if str(patched.plan.params_after) != patched.metadata.get("params_after"):
+    if count_params(patched.model) != patched.record.params_recorded:
         raise SurgeryError(
-            f"{str(path)!r}: the rebuilt model has {patched.plan.params_after} parameters but the file "
-            f"records {patched.metadata.get('params_after')}; it was written by a different timm or recipe."
+            f"{str(path)!r}: the rebuilt model has {count_params(patched.model)} parameters but the file "
+            f"records {patched.record.params_recorded}; it was written by a different timm or recipe."
         )
     return patched, check

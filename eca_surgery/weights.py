@@ -172,21 +172,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(read_safetensors(path)[0], path)
 
 
-def pretrained_file(model_name: str, flag: str = "--checkpoint") -> tuple[Path, str]:
+def pretrained_file(model_name: str, param: str = "checkpoint") -> tuple[Path, str]:
     """The local file of timm's pretrained weights for ``model_name``, from the Hugging Face
-    cache (downloading only when the network allows); and a description of the source."""
+    cache (downloading only when the network allows); and a description of the source.
+    ``param`` names the parameter that takes a local file instead, for the error messages
+    (a flag such as ``--teacher-checkpoint`` is read as its parameter, ``teacher_checkpoint``)."""
     import timm
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     from .models import create_model
 
+    local = f"`{param.removeprefix('--').replace('-', '_')}=FILE`"
     cfg = create_model(model_name, meta=True).pretrained_cfg
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
         raise CheckpointError(
             f"timm has no Hugging Face weights for {model_name!r} (its pretrained config names no "
-            f"hf_hub_id). Download the weights yourself and pass them with {flag} FILE."
+            f"hf_hub_id). Download the weights yourself and pass them with {local}."
         )
     hub_id, _, revision = hub_id.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -208,5 +211,5 @@ def pretrained_file(model_name: str, flag: str = "--checkpoint") -> tuple[Path, 
     raise CheckpointError(
         f"The pretrained weights of {model_name!r} ({hub_id}) are not in the Hugging Face cache and "
         "could not be downloaded (no network?). Download them where you have a network "
-        f"(e.g. `hf download {hub_id}`) and copy the cache, or pass a local file with {flag} FILE."
+        f"(e.g. `hf download {hub_id}`) and copy the cache, or pass a local file with {local}."
     )

@@ -123,7 +123,7 @@ def test_save_and_load_from_a_thread_twice_leaves_process_state(converted, tmp_p
 
 @pytest.mark.parametrize("seed", [2**70, -(2**64), 1.5, "0", True])
 def test_a_seed_torch_cannot_take_is_a_surgery_error(seed):
-    with pytest.raises(SurgeryError, match="--seed must be an integer"):
+    with pytest.raises(SurgeryError, match="`seed` must be an integer"):
         es.convert("seresnet18", "se-to-eca", seed=seed, check=False, flops=False, timm_native=False)
 
 
@@ -136,7 +136,7 @@ def test_a_numpy_seed_is_taken():
 def test_heal_refuses_a_huge_seed_and_an_unreadable_input(tmp_path):
     from eca_surgery.heal import HealSettings, heal
 
-    with pytest.raises(SurgeryError, match="--seed must be an integer"):
+    with pytest.raises(SurgeryError, match="`seed` must be an integer"):
         HealSettings(seed=2**64).check()
     from PIL import Image
 

@@ -3,6 +3,13 @@
 ``tests/fixtures/format1`` holds files that eca-surgery 0.1.0 (commit 822f4e1, checkpoint
 format 1) wrote for timm's tiny ``test_efficientnet`` with ``num_classes=10``: SE replaced
 with a fitted ECA, and an identity ECA inserted at the backbone end.
+
+``tests/fixtures/format2`` holds the same two conversions written in checkpoint format 2
+(the edits stored, loaded without planning) by the release that introduced it. They were
+made by :func:`write_format2_fixtures`; never regenerate them to make a test pass (they
+stand for files users already have). Only a new format gets new fixtures, in a new folder:
+``PYTHONPATH=.:tests python tests/test_formats.py`` writes format-2 files into
+``tests/fixtures/format2``.
 """
 
 from __future__ import annotations
@@ -22,20 +29,40 @@ from eca_surgery.checkpoint import open_patched
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
 FILES = sorted(FIXTURES.glob("*.safetensors"))
+FORMAT2 = Path(__file__).parent / "fixtures" / "format2"
+FILES2 = sorted(FORMAT2.glob("*.safetensors"))
+NAMES = [
+    "test_efficientnet-backbone-end-identity.safetensors",
+    "test_efficientnet-se-to-eca-fit-se.safetensors",
+]
+# the conversions of the fixtures: file name -> CLI arguments (calibrated on seeded noise)
+CONVERSIONS = {
+    NAMES[0]: ["-r", "eca-backbone-end", "--init", "identity"],
+    NAMES[1]: ["-r", "se-to-eca", "--init", "fit-se"],
+}
+
+
+def write_format2_fixtures(folder: Path = FORMAT2) -> None:
+    """Write the format-2 fixtures into ``folder`` with this eca-surgery (by the CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, args in CONVERSIONS.items():
+        common = ["--model-arg", "num_classes=10", "--calib-size", "4", "--force", "-o", str(folder / name)]
+        run_ok(["convert", "test_efficientnet", *args, *common])
 
 
 def test_the_fixtures_are_there():
-    assert [p.name for p in FILES] == [
-        "test_efficientnet-backbone-end-identity.safetensors",
-        "test_efficientnet-se-to-eca-fit-se.safetensors",
-    ]
+    assert [p.name for p in FILES] == NAMES
+    assert [p.name for p in FILES2] == NAMES
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_a_format1_file_loads_bit_for_bit_and_verifies(path):
+@pytest.mark.parametrize("path", FILES + FILES2, ids=lambda p: f"{p.parent.name}-{p.stem}")
+def test_a_file_of_each_format_loads_bit_for_bit_and_verifies(path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    assert metadata["format_version"] == "1" and metadata["eca_surgery_version"] == "0.1.0"
+    if path.parent == FIXTURES:
+        assert metadata["format_version"] == "1" and metadata["eca_surgery_version"] == "0.1.0"
+    else:
+        assert metadata["format_version"] == "2" and json.loads(metadata["edits"])
     patched = open_patched(path)
     assert patched.model_kwargs == {"num_classes": 10}
     state = patched.model.state_dict()
@@ -48,10 +75,11 @@ def test_a_format1_file_loads_bit_for_bit_and_verifies(path):
     )
 
 
-def test_an_identity_eca_from_format1_still_computes_the_identity():
+@pytest.mark.parametrize("folder", [FIXTURES, FORMAT2], ids=lambda p: p.name)
+def test_an_identity_eca_still_computes_the_identity(folder):
     """The inserted ECA of the identity fixture leaves the model's function unchanged: the
     file's other tensors in the unpatched model give the same logits."""
-    path = FIXTURES / "test_efficientnet-backbone-end-identity.safetensors"
+    path = folder / NAMES[0]
     patched = load_patched(path)
     [edit] = open_patched(path).plan.edits
     original = timm.create_model("test_efficientnet", num_classes=10).eval()
@@ -60,3 +88,19 @@ def test_an_identity_eca_from_format1_still_computes_the_identity():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(patched(x), original(x), rtol=0, atol=1e-6)
+
+
+def test_a_format1_record_is_planned_again_and_a_format2_record_is_read():
+    """Format 1 stored the recipe only: its edits come from planning it again, and equal those
+    format 2 stores for the same conversion."""
+    old, new = open_patched(FIXTURES / NAMES[1]), open_patched(FORMAT2 / NAMES[1])
+    assert old.record.versions.eca_surgery == "0.1.0" and old.record.provenance.init["method"] == "fit-se"
+    assert old.plan.edits == new.plan.edits and old.plan.rule_matches == new.plan.rule_matches == (2,)
+    assert new.record.provenance.native == {
+        "kwargs": {"num_classes": 10, "se_layer": "eca"},
+        "model": "test_efficientnet",
+    }
+
+
+if __name__ == "__main__":
+    write_format2_fixtures()

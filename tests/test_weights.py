@@ -162,3 +162,21 @@ def test_cli_starts_without_torch_or_timm(args):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_pretrained_file_names_the_python_parameter_that_takes_a_file(tmp_path, monkeypatch):
+    """The library names its parameter (`checkpoint=FILE`); the CLI rewrites it to --checkpoint FILE."""
+    import huggingface_hub.constants
+
+    from eca_surgery.errors import CheckpointError, with_flags
+    from eca_surgery.weights import pretrained_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="`checkpoint=FILE`") as error:
+        pretrained_file("seresnet50")
+    assert "--" not in str(error.value)
+    assert with_flags(str(error.value), {"checkpoint": "--checkpoint"}).endswith("with --checkpoint FILE.")
+    for param in ("teacher_checkpoint", "--teacher-checkpoint"):
+        with pytest.raises(CheckpointError, match="`teacher_checkpoint=FILE`"):
+            pretrained_file("seresnet50", param)
