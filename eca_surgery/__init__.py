@@ -19,7 +19,7 @@ _LAZY = {
     "inspect": "surgery",
     "convert": "surgery",
     "verify": "surgery",
-    "heal": "heal",
+    "heal": "healing",
     "load_patched": "checkpoint",
     "open_patched": "checkpoint",
     "save_patched": "checkpoint",
@@ -38,8 +38,8 @@ _LAZY = {
     # results and records
     "Inspection": "surgery",
     "Conversion": "surgery",
-    "HealSettings": "heal",
-    "HealResult": "heal",
+    "HealSettings": "healing",
+    "HealResult": "healing",
     "Patched": "checkpoint",
     "CheckpointRecord": "checkpoint",
     "Provenance": "checkpoint",
@@ -125,7 +125,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .eca import eca_kernel_size, make_eca
     from .edits import Edit, Gate, Position
     from .errors import CheckpointError, RecipeError, StoppedBySignal, SurgeryError
-    from .heal import HealResult, HealSettings, heal
+    from .healing import HealResult, HealSettings, heal
     from .native import find_native
     from .plan import Plan, count_params, make_plan
     from .recipe import (

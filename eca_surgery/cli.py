@@ -524,7 +524,7 @@ def heal(
     json_out: JsonOpt = False,
 ) -> None:
     """Distil the original model into a patched one on unlabelled images, training only what --train says."""
-    from .heal import HealSettings, state_path
+    from .healing import HealSettings, state_path
     from .report import heal_report, leftover_notes, render_heal
     from .surgery import clean_outputs
 
@@ -562,7 +562,7 @@ def _heal_with_progress(
     """``heal.heal`` with a progress bar on stderr (on a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .heal import heal as heal_model
+    from .healing import heal as heal_model
 
     columns = (
         TextColumn("healing"),

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from .checkpoint import Patched
     from .detect import SEBlock
-    from .heal import HealResult
+    from .healing import HealResult
     from .plan import Plan
     from .recipe import Recipe
     from .scan import ScanResult

@@ -134,7 +134,7 @@ def test_a_numpy_seed_is_taken():
 
 
 def test_heal_refuses_a_huge_seed_and_an_unreadable_input(tmp_path):
-    from eca_surgery.heal import HealSettings, heal
+    from eca_surgery.healing import HealSettings, heal
 
     with pytest.raises(SurgeryError, match="`seed` must be an integer"):
         HealSettings(seed=2**64).check()

@@ -156,7 +156,7 @@ def test_an_interrupt_stops_between_steps_and_resume_is_exact(setup, tmp_path):
     import signal
 
     from eca_surgery.errors import SurgeryError
-    from eca_surgery.heal import HealSettings, heal
+    from eca_surgery.healing import HealSettings, heal
 
     root, patched, teacher = setup
     settings = HealSettings(steps=4, batch_size=4, lr=0.01, train="norm")
@@ -178,7 +178,7 @@ def test_an_interrupt_stops_between_steps_and_resume_is_exact(setup, tmp_path):
 
 
 def test_norm_training_means_norm_layers_only():
-    from eca_surgery.heal import select_trainable
+    from eca_surgery.healing import select_trainable
 
     model = timm.create_model("regnety_002", device="meta")  # ConvNormAct blocks hold convs and norms
     names = select_trainable(model, [], "norm")

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from eca_surgery.checkpoint import load_patched, open_patched, save_patched
 from eca_surgery.choices import Train
 from eca_surgery.errors import SurgeryError, with_flags
-from eca_surgery.heal import HealResult, HealRun, HealSettings, prepare_heal, state_path, train
+from eca_surgery.healing import HealResult, HealRun, HealSettings, prepare_heal, state_path, train
 from eca_surgery.surgery import convert
 
 SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}

@@ -422,7 +422,7 @@ def test_heal_with_a_huge_lr_stops_and_writes_nothing(heal_setup, tmp_path):
 
 
 def test_a_non_finite_loss_keeps_the_last_good_state_resumable(heal_setup, tmp_path, monkeypatch):
-    from eca_surgery import heal as heal_module
+    from eca_surgery import healing as heal_module
 
     root, patched, teacher = heal_setup
     out = tmp_path / "healed.safetensors"

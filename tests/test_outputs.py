@@ -321,7 +321,7 @@ def test_a_cli_write_error_is_one_paragraph(tmp_path, monkeypatch):
 
 
 def test_heal_checks_its_outputs_before_any_work(tmp_path, monkeypatch):
-    import eca_surgery.heal as heal
+    import eca_surgery.healing as heal
 
     images = tmp_path / "images"
     images.mkdir()
@@ -345,7 +345,7 @@ def test_heal_checks_its_outputs_before_any_work(tmp_path, monkeypatch):
 
 
 def test_heal_state_write_failure_leaves_no_temporary(tmp_path, monkeypatch, conversion):
-    import eca_surgery.heal as heal
+    import eca_surgery.healing as heal
     from eca_surgery.checkpoint import CheckpointRecord, Patched
 
     out = tmp_path / "healed.safetensors"
@@ -382,7 +382,7 @@ def test_a_failed_heal_save_replaces_neither_file_and_leaves_no_temporary(
     into place, the checkpoint was replaced (a step the state on disk did not match) while
     the error said nothing was replaced. Now both are renamed together, or neither."""
     import eca_surgery.checkpoint as checkpoint
-    import eca_surgery.heal as heal
+    import eca_surgery.healing as heal
     import eca_surgery.outputs as outputs
     from eca_surgery.checkpoint import CheckpointRecord, Patched
 

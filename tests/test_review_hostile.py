@@ -385,7 +385,7 @@ def test_heal_stopped_by_a_signal_exits_130_or_143(healed, tmp_path, monkeypatch
 
     from cli_helpers import runner, text_of
 
-    import eca_surgery.heal as heal_module
+    import eca_surgery.healing as heal_module
     from eca_surgery.cli import app
 
     real = heal_module.heal
