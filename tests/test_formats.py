@@ -5,8 +5,8 @@ format 1) wrote for timm's tiny ``test_efficientnet`` with ``num_classes=10``: S
 with a fitted ECA, and an identity ECA inserted at the backbone end.
 
 ``tests/fixtures/format2`` holds the same two conversions written in checkpoint format 2
-(the edits stored, loaded without planning) by the release that introduced it. They were
-made by :func:`write_format2_fixtures`; never regenerate them to make a test pass (they
+(the edits stored, loaded without planning) by eca-surgery 0.2.0, the release that
+introduced it. They were made by :func:`write_format2_fixtures`; never regenerate them to make a test pass (they
 stand for files users already have). Only a new format gets new fixtures, in a new folder:
 ``PYTHONPATH=.:tests python tests/test_formats.py`` writes format-2 files into
 ``tests/fixtures/format2``.
