@@ -9,6 +9,7 @@ signatures and still start instantly.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 
 class Init(str, Enum):
@@ -42,12 +43,13 @@ class Sort(str, Enum):
     __str__ = str.__str__
 
 
-def choice(enum: type[Enum], value: object, param: str) -> Enum:
-    """``value`` as a member of ``enum``; a SurgeryError naming ``param`` and the choices."""
-    from .errors import SurgeryError
-
+def choice(enum: type[Enum], value: object, param: str, error: type[Exception] | None = None) -> Any:
+    """``value`` as a member of ``enum``; else ``error`` (SurgeryError by default) naming
+    ``param`` and the choices."""
     try:
         return enum(value)
     except ValueError:
+        if error is None:
+            from .errors import SurgeryError as error
         names = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
-        raise SurgeryError(f"Unknown `{param}` {str(value)[:60]!r}; choose one of: {names}.") from None
+        raise error(f"Unknown `{param}` {str(value)[:60]!r}; choose one of: {names}.") from None

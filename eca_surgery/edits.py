@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
+from .choices import choice
+
 ECA_CLASS = "timm.layers.eca.EcaModule"
 MAX_KERNEL = 1023
 MAX_CHANNELS = 1 << 20
@@ -104,8 +106,8 @@ class Edit:
                 raise ValueError(f"edit field {name!r} must be an integer from {low} to {high}")
         edit = cls(
             **{n: data[n] for n in names if n not in ("position", "gate")},
-            position=_member(Position, data["position"], "position"),
-            gate=_member(Gate, data["gate"], "gate"),
+            position=choice(Position, data["position"], "position", ValueError),
+            gate=choice(Gate, data["gate"], "gate", ValueError),
         )
         edit.check()
         return edit
@@ -126,11 +128,3 @@ class Edit:
             raise ValueError(f"edit eca_path {self.eca_path!r} is not a module path")
         if not self.position.inserts and self.eca_path != self.path:
             raise ValueError(f"edit at {self.path!r}: a {self.position.value} edit keeps the module's path")
-
-
-def _member(enum: type[Enum], value: Any, name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
-        raise ValueError(f"edit field {name!r} must be one of: {choices}") from None

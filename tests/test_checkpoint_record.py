@@ -143,7 +143,7 @@ def _bad_metadata(metadata: dict[str, str]) -> dict[str, tuple[dict[str, str | N
         "no-edits": ({"edits": None}, "no 'edits' entry"),
         "wrong-type": ({"edits": _edit(metadata, channels="128")}, "edit 0: edit field 'channels'"),
         "unknown-field": ({"edits": _edit(metadata, extra=1)}, "unknown field 'extra'"),
-        "unknown-position": ({"edits": _edit(metadata, position="sideways")}, "'position' must be one of"),
+        "unknown-position": ({"edits": _edit(metadata, position="sideways")}, "Unknown `position` 'sideways'; choose one of"),
         "kernel-over-channels": (
             {"edits": _edit(metadata, kernel_size=first["channels"] + 1)},
             "at most the channel count",
