@@ -271,9 +271,15 @@ def prepare_heal(
     device: str | None = None,
     workers: int = 0,
 ) -> HealRun:
-    """Make a heal run ready (see :func:`heal` for the parameters): check the settings,
-    inputs and outputs before any work, find the resume point, build the teacher, choose
-    what trains, and make the optimizer (with a resumed run's state) and the batches."""
+    """Make a heal run ready: check the settings, inputs and outputs before any work, find
+    the resume point, build the teacher, choose what trains, and make the optimizer (with a
+    resumed run's state) and the batches. Nothing is written; :func:`train` runs it.
+
+    The teacher is ``teacher`` (a timm name) with ``teacher_checkpoint``'s weights, by
+    default the model and source weights ``patched_path`` records. ``resume`` continues
+    the run that wrote ``output``; ``force`` replaces an existing ``output``;
+    ``save_every`` also writes it every that many steps; ``device`` (default: the GPU if
+    any) and ``workers`` (DataLoader processes) say where it runs."""
     settings.check()
     check_loop_options(save_every, workers)
     dev = pick_device(device)
@@ -474,39 +480,21 @@ def heal(
     data: str | Path,
     output: str | Path,
     *,
-    teacher: str | None = None,
-    teacher_checkpoint: str | Path | None = None,
-    settings: HealSettings = HealSettings(),
-    resume: bool = False,
-    force: bool = False,
-    save_every: int = 0,
-    device: str | None = None,
-    workers: int = 0,
     on_step: OnStep | None = None,
+    **options: Any,
 ) -> HealResult:
     """Distil ``teacher`` (by default the patched model's source architecture) into the
     patched checkpoint ``patched_path`` on the images under ``data``; write ``output``.
 
-    With ``resume``, training continues from ``output`` (written by an earlier run with
-    the same settings) up to ``settings.steps``. ``on_step(step, steps, loss,
-    images_per_s)`` is called after every step (on process 0). ``save_every`` also
-    writes ``output`` every that many steps; an interrupt (Ctrl-C) writes it too, so
-    ``resume`` can continue. :func:`prepare_heal` then :func:`train`.
+    ``options`` are those of :func:`prepare_heal`: ``teacher``, ``teacher_checkpoint``,
+    ``settings`` (a :class:`HealSettings`), ``resume``, ``force``, ``save_every``,
+    ``device``, ``workers``. With ``resume``, training continues from ``output`` (written
+    by an earlier run with the same settings) up to ``settings.steps``. ``on_step(step,
+    steps, loss, images_per_s)`` is called after every step (on process 0). ``save_every``
+    also writes ``output`` every that many steps; an interrupt (Ctrl-C) writes it too, so
+    ``resume`` can continue. This is :func:`prepare_heal` then :func:`train`.
     """
-    run = prepare_heal(
-        patched_path,
-        data,
-        output,
-        teacher=teacher,
-        teacher_checkpoint=teacher_checkpoint,
-        settings=settings,
-        resume=resume,
-        force=force,
-        save_every=save_every,
-        device=device,
-        workers=workers,
-    )
-    return train(run, on_step)
+    return train(prepare_heal(patched_path, data, output, **options), on_step)
 
 
 MAX_WORKERS = 256

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
-
 from randomised import assert_same_tensors, randomise_
+from safetensors.torch import load_file, save_file
 
 README = Path(__file__).parent.parent / "README.md"
 
