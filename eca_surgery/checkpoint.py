@@ -32,6 +32,7 @@ from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
     check_fits,
+    check_has_data,
     check_kinds,
     check_model_kwargs,
     create_model,
@@ -442,7 +443,9 @@ def write_checkpoint(
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions) as
     metadata to ``path`` atomically, after checking that the metadata rebuilds exactly these
     tensors."""
-    tensors = _unshared(model.state_dict())
+    state_dict = model.state_dict()
+    check_has_data(state_dict, "The model to save")
+    tensors = _unshared(state_dict)
     record = replace(record, versions=Versions.current())
     check_rebuildable(tensors, record)
     metadata = record.to_metadata()
