@@ -67,6 +67,11 @@ class Edit:
     params_after: int
     rule: int
 
+    def __post_init__(self) -> None:
+        # str enums, so a caller may write "after" or "sigmoid": the edit holds the members
+        object.__setattr__(self, "position", _member(Position, self.position, "position"))
+        object.__setattr__(self, "gate", _member(Gate, self.gate, "gate"))
+
     def to_dict(self) -> dict[str, Any]:
         """The edit as plain JSON data (enums as their values)."""
         data = asdict(self)
@@ -102,11 +107,7 @@ class Edit:
             value = data[name]
             if type(value) is not int or not low <= value <= high:
                 raise ValueError(f"edit field {name!r} must be an integer from {low} to {high}")
-        edit = cls(
-            **{n: data[n] for n in names if n not in ("position", "gate")},
-            position=_member(Position, data["position"], "position"),
-            gate=_member(Gate, data["gate"], "gate"),
-        )
+        edit = cls(**{n: data[n] for n in names})  # position and gate checked as it is made
         edit.check()
         return edit
 
