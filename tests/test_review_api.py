@@ -127,5 +127,5 @@ def test_an_edit_made_with_strings_holds_enums():
 
 @pytest.mark.parametrize("value", [True, 2.5, "8"])
 def test_calib_size_must_be_an_integer(value):
-    with pytest.raises(SurgeryError, match="`calib_size` must be an integer"):
+    with pytest.raises(SurgeryError, match="`calib_size` must be an integer, got"):
         convert("seresnet18", "se-to-eca", init="fit-se", calib_size=value, dry_run=True)
