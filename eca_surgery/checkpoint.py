@@ -34,6 +34,7 @@ from .models import (
     check_fits,
     check_has_data,
     check_kinds,
+    check_matches,
     check_model_kwargs,
     create_model,
     load_into,
@@ -486,8 +487,7 @@ def check_rebuildable(tensors: dict[str, torch.Tensor], record: CheckpointRecord
     try:
         stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")
         rebuilt = rebuild(stored, what, meta=True)
-        check_fits(rebuilt, shapes_of(tensors), what, f"{record.model} patched by its edits")
-        check_kinds(rebuilt, tensors, what)
+        check_matches(rebuilt, tensors, what, f"{record.model} patched by its edits")
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc} Nothing was written: the file could not be loaded again. Save the model together "

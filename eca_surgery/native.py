@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import safetensors_io_errors, tensor_bytes
 from .edits import Gate
 from .errors import CheckpointError, SurgeryError
-from .models import check_fits, check_has_data, check_kinds, shapes_of
+from .models import check_has_data, check_matches
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
 
@@ -144,8 +144,7 @@ def check_exportable(model: nn.Module, state_dict: dict[str, torch.Tensor], name
     what = "The model to export"
     check_has_data(state_dict, what)
     try:
-        check_fits(model, shapes_of(state_dict), what, f"{name} as timm builds it natively")
-        check_kinds(model, state_dict, what)
+        check_matches(model, state_dict, what, f"{name} as timm builds it natively")
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc} Nothing was written: the model no longer matches the conversion (was it changed "
