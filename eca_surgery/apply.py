@@ -26,7 +26,7 @@ from .detect import qualified_name
 from .eca import make_eca
 from .edits import Edit, Position
 from .errors import SurgeryError
-from .locate import is_empty_slot, is_plain_sequential
+from .locate import is_empty_slot, is_plain_sequential, runs_own_children
 from .plan import Plan
 
 
@@ -161,7 +161,10 @@ def _insert_misfit(model: nn.Module, edit: Edit) -> str | None:
     owner_path, _, name = edit.eca_path.rpartition(".")
     if owner_path not in (edit.path, edit.path.rpartition(".")[0]):
         return f"its ECA path {edit.eca_path!r} is in neither the module nor its parent"
-    if hasattr(model.get_submodule(owner_path), name):
+    owner = model.get_submodule(owner_path)
+    if runs_own_children(owner) and not is_plain_sequential(owner):
+        return f"{owner_path or 'the model'!r} runs every child it holds, so its ECA block would run twice"
+    if hasattr(owner, name):
         return f"{edit.eca_path!r} is taken already"
     return None
 

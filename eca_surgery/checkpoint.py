@@ -32,7 +32,9 @@ from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
     check_fits,
+    check_has_data,
     check_kinds,
+    check_matches,
     check_model_kwargs,
     create_model,
     load_into,
@@ -442,7 +444,9 @@ def write_checkpoint(
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions) as
     metadata to ``path`` atomically, after checking that the metadata rebuilds exactly these
     tensors."""
-    tensors = _unshared(model.state_dict())
+    state_dict = model.state_dict()
+    check_has_data(state_dict, "The model to save")
+    tensors = _unshared(state_dict)
     record = replace(record, versions=Versions.current())
     check_rebuildable(tensors, record)
     metadata = record.to_metadata()
@@ -483,8 +487,7 @@ def check_rebuildable(tensors: dict[str, torch.Tensor], record: CheckpointRecord
     try:
         stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")
         rebuilt = rebuild(stored, what, meta=True)
-        check_fits(rebuilt, shapes_of(tensors), what, f"{record.model} patched by its edits")
-        check_kinds(rebuilt, tensors, what)
+        check_matches(rebuilt, tensors, what, f"{record.model} patched by its edits")
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc} Nothing was written: the file could not be loaded again. Save the model together "

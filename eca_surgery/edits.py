@@ -69,6 +69,11 @@ class Edit:
     params_after: int
     rule: int
 
+    def __post_init__(self) -> None:
+        # str enums, so a caller may write "after" or "sigmoid": the edit holds the members
+        object.__setattr__(self, "position", choice(Position, self.position, "position", ValueError))
+        object.__setattr__(self, "gate", choice(Gate, self.gate, "gate", ValueError))
+
     def to_dict(self) -> dict[str, Any]:
         """The edit as plain JSON data (enums as their values)."""
         data = asdict(self)
@@ -104,11 +109,7 @@ class Edit:
             value = data[name]
             if type(value) is not int or not low <= value <= high:
                 raise ValueError(f"edit field {name!r} must be an integer from {low} to {high}")
-        edit = cls(
-            **{n: data[n] for n in names if n not in ("position", "gate")},
-            position=choice(Position, data["position"], "position", ValueError),
-            gate=choice(Gate, data["gate"], "gate", ValueError),
-        )
+        edit = cls(**{n: data[n] for n in names})  # position and gate checked as it is made
         edit.check()
         return edit
 

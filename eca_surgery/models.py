@@ -286,6 +286,23 @@ def check_kinds(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
         )
 
 
+def check_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, name: str) -> None:
+    """Raise CheckpointError unless ``state_dict`` has exactly ``model``'s keys and shapes
+    (``model`` described as ``name``) and tensors of the right kind (see :func:`check_kinds`)."""
+    check_fits(model, shapes_of(state_dict), what, name)
+    check_kinds(model, state_dict, what)
+
+
+def check_has_data(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise SurgeryError where a tensor is on the meta device: it holds no data to write."""
+    empty = [k for k, t in state_dict.items() if t.is_meta]
+    if empty:
+        raise SurgeryError(
+            f"{what} has tensors on the meta device, which hold no data: {sample_keys(empty)}. Nothing "
+            "was written; give the model its weights (e.g. convert it with `convert`) before saving it."
+        )
+
+
 def shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 

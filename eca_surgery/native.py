@@ -19,7 +19,8 @@ from torch import nn
 
 from .checkpoint import safetensors_io_errors, tensor_bytes
 from .edits import Gate
-from .errors import SurgeryError
+from .errors import CheckpointError, SurgeryError
+from .models import check_has_data, check_matches
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
 
@@ -136,6 +137,21 @@ def check_timm_dir(path: str | Path, force: bool, size: int | None = None) -> Pa
     return check_dir_output(path, force, EXPORT_KIND, size)
 
 
+def check_exportable(model: nn.Module, state_dict: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse, before anything is written, a state_dict that the timm-native ``model`` cannot
+    load as it is: other keys or shapes, tensors of the wrong kind, or no data (meta device),
+    as when the converted model was changed after ``convert``."""
+    what = "The model to export"
+    check_has_data(state_dict, what)
+    try:
+        check_matches(model, state_dict, what, f"{name} as timm builds it natively")
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc} Nothing was written: the model no longer matches the conversion (was it changed "
+            "after `convert`?); export the converted model as it was made."
+        ) from None
+
+
 def save_timm_dir(
     native: dict, state_dict: dict[str, torch.Tensor], path: str | Path, force: bool = False
 ) -> Path:
@@ -148,6 +164,7 @@ def save_timm_dir(
     from timm.models import save_for_hf
 
     model = build_native(native)
+    check_exportable(model, state_dict, native["model"])
     model.load_state_dict(state_dict, strict=True, assign=True)
     size = tensor_bytes(state_dict)
     model_args = json.loads(json.dumps(native["kwargs"]))

@@ -7,6 +7,7 @@ owns the files it writes: it checks them before any work and writes them at the 
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,8 @@ def _prepare(
     init = choice(Init, init, "init")
     if init is Init.DEFAULT and calib_data is not None:
         raise SurgeryError("`calib_data` is used by `init='fit-se'` and `init='identity'`; pass one of them.")
+    if isinstance(calib_size, bool) or not isinstance(calib_size, numbers.Integral):
+        raise SurgeryError(f"`calib_size` must be an integer, got {str(calib_size)[:40]!r}.")
     if calib_size < 1:
         raise SurgeryError(f"`calib_size` must be at least 1, got {calib_size}.")
     if init is Init.IDENTITY:
