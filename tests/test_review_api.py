@@ -121,7 +121,7 @@ def test_an_edit_made_with_strings_holds_enums():
     edit = Edit(**fields)
     assert edit.position is Position.AFTER and edit.gate is Gate.SIGMOID
     assert edit.position.inserts and edit.to_dict() == fields
-    with pytest.raises(ValueError, match="'position' must be one of"):
+    with pytest.raises(ValueError, match="Unknown `position` 'sideways'; choose one of"):
         Edit(**{**fields, "position": "sideways"})
 
 
