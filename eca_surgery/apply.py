@@ -75,34 +75,16 @@ class Misfit:
     reason: str
 
 
-def check_applicable(
-    model: nn.Module,
-    plan: Plan | Iterable[Edit],
-    *,
-    source: str | None = None,
-    error: type[SurgeryError] = SurgeryError,
-) -> None:
-    """Refuse, before anything is changed, edits that do not fit ``model`` (see :func:`find_misfit`).
-
-    ``plan`` is a Plan or its edits. By default the ``error`` speaks of a plan made for another
-    model or applied twice; with ``source`` (such as ``"Checkpoint 'x.safetensors'"``) it
-    speaks of that file's edits and the model rebuilt to load them.
-    """
-    misfit = find_misfit(model, plan.edits if isinstance(plan, Plan) else plan)
-    if misfit is None:
-        return
-    at = f"at {misfit.edit.path!r}: {misfit.reason}"
-    if source is None:
-        raise error(
-            f"apply_plan: the plan does not fit this model {at}. The plan was made for another "
-            "model, or was already applied to this one; nothing was changed. Make the plan on the "
-            "model it is applied to, with make_plan, and apply it once."
+def check_applicable(model: nn.Module, plan: Plan) -> None:
+    """Refuse, before anything is changed, a plan that does not fit ``model`` (see
+    :func:`find_misfit`): one made for another model, or applied to it already."""
+    misfit = find_misfit(model, plan.edits)
+    if misfit is not None:
+        raise SurgeryError(
+            f"apply_plan: the plan does not fit this model at {misfit.edit.path!r}: {misfit.reason}. The "
+            "plan was made for another model, or was already applied to this one; nothing was changed. "
+            "Make the plan on the model it is applied to, with make_plan, and apply it once."
         )
-    raise error(
-        f"{source}: its edits do not fit the rebuilt model {at}. The file was written for a model with "
-        "another module tree (another model name, other model kwargs, or a timm that builds it "
-        "differently); load it with the model and kwargs it was saved with, or convert again."
-    )
 
 
 def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
@@ -112,11 +94,16 @@ def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
     attention slot (None or nn.Identity); an insertion its module, and a free ``eca_path`` in
     that module or its parent. No two edits may put an ECA block at one path.
     """
+    edits = list(edits)
+    replaced = {e.path for e in edits if not e.position.inserts}
     taken: set[str] = set()
     for edit in edits:
         if edit.eca_path in taken:
             return Misfit(edit, f"a second edit puts an ECA block at {edit.eca_path!r}")
         taken.add(edit.eca_path)
+        inside = _inside(edit.path, replaced)
+        if inside is not None:
+            return Misfit(edit, f"it lies inside {inside[:200]!r}, which another edit replaces")
         if edit.position == Position.IN_PLACE:
             reason = _replace_misfit(model, edit)
         elif edit.position == Position.SLOT:
@@ -126,6 +113,13 @@ def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
         if reason is not None:
             return Misfit(edit, reason)
     return None
+
+
+def _inside(path: str, replaced: set[str]) -> str | None:
+    """The first module of ``replaced`` that holds ``path`` (its edit would act inside a
+    module that another edit takes out), or None."""
+    parts = path.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in replaced), None)
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .detect import qualified_name
 from .edits import Edit
 from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
@@ -360,21 +359,20 @@ def rebuild(record: CheckpointRecord, what: str, meta: bool = False) -> nn.Modul
 
 
 def check_edits_fit(model: nn.Module, record: CheckpointRecord, what: str) -> None:
-    """Refuse, before anything is changed, edits that do not fit ``model`` (what
-    ``apply.check_applicable`` checks, and also that an insert's new name is free in a module
-    that may hold it, and that no edit lies inside a module another edit replaces)."""
+    """Refuse, before anything is changed, edits that do not fit ``model`` (see
+    ``apply.find_misfit``), naming the first one and the timm that wrote the file."""
     import timm
 
-    replaced = {e.path for e in record.plan.edits if not e.position.inserts}
-    for index, edit in enumerate(record.plan.edits):
-        misfit = _misfit(model, edit) or _inside_replaced(edit, replaced)
-        if misfit is not None:
-            expected, found = misfit
-            raise CheckpointError(
-                f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
-                f"it: edit {index} ({edit.position.value} at {edit.path[:200]!r}) expects {expected}, but "
-                f"the model has {found}. {_refit_hint(record)}"
-            )
+    from .apply import find_misfit
+
+    misfit = find_misfit(model, record.plan.edits)
+    if misfit is not None:
+        edit = misfit.edit
+        raise CheckpointError(
+            f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
+            f"it: edit {record.plan.edits.index(edit)} ({edit.position.value} at {edit.path[:200]!r}): "
+            f"{misfit.reason}. {_refit_hint(record)}"
+        )
 
 
 def _refit_hint(record: CheckpointRecord) -> str:
@@ -382,49 +380,6 @@ def _refit_hint(record: CheckpointRecord) -> str:
         f"The file was written with timm {record.versions.timm or '(unknown)'}: load it with that timm, or "
         "re-export it from the source weights with this one."
     )
-
-
-def _find(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _misfit(model: nn.Module, edit: Edit) -> tuple[str, str] | None:
-    """(what ``edit`` expects, what ``model`` has) where the edit does not fit, else None."""
-    target = _find(model, edit.path)
-    parent_path, _, name = edit.path.rpartition(".")
-    if edit.position == "in-place":
-        found = "nothing there" if target is None else f"a {qualified_name(type(target))}"
-        return (
-            None if target is not None and found == f"a {edit.old_class}" else (f"a {edit.old_class}", found)
-        )
-    if edit.position == "slot":
-        parent = _find(model, parent_path)
-        value = getattr(parent, name, model) if parent is not None else model  # ``model``: no attribute
-        if value is None or type(value) is nn.Identity:
-            return None
-        found = "no such attribute" if value is model else f"a {qualified_name(type(value))}"
-        return "an empty attention slot (None or an Identity)", found
-    if target is None:
-        return f"a {edit.old_class}", "nothing there"
-    owner_path, _, new = edit.eca_path.rpartition(".")
-    if owner_path not in (edit.path, parent_path):
-        return f"its ECA block inside {edit.path!r} or its parent", f"it at {edit.eca_path[:200]!r}"
-    owner = _find(model, owner_path)
-    if owner is None or hasattr(owner, new):
-        return f"no {new[:100]!r} in {owner_path or 'the model'!r} yet", "one already"
-    return None
-
-
-def _inside_replaced(edit: Edit, replaced: set[str]) -> tuple[str, str] | None:
-    """A misfit where ``edit`` acts inside a module that another edit replaces."""
-    parts = edit.path.split(".")
-    inside = [p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in replaced]
-    if inside:
-        return "a module no other edit replaces", f"it inside {inside[0][:200]!r}, which an edit replaces"
-    return None
 
 
 def check_output(path: str | Path, force: bool, size: int | None = None) -> Path:

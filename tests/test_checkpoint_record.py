@@ -143,7 +143,10 @@ def _bad_metadata(metadata: dict[str, str]) -> dict[str, tuple[dict[str, str | N
         "no-edits": ({"edits": None}, "no 'edits' entry"),
         "wrong-type": ({"edits": _edit(metadata, channels="128")}, "edit 0: edit field 'channels'"),
         "unknown-field": ({"edits": _edit(metadata, extra=1)}, "unknown field 'extra'"),
-        "unknown-position": ({"edits": _edit(metadata, position="sideways")}, "Unknown `position` 'sideways'; choose one of"),
+        "unknown-position": (
+            {"edits": _edit(metadata, position="sideways")},
+            "Unknown `position` 'sideways'; choose one of",
+        ),
         "kernel-over-channels": (
             {"edits": _edit(metadata, kernel_size=first["channels"] + 1)},
             "at most the channel count",
@@ -175,12 +178,11 @@ def _misfits(metadata: dict[str, str]) -> dict[str, tuple[dict[str, str], str]]:
     return {
         "no-such-module": (
             {"edits": _edit(metadata, path="blocks.9.0.se", eca_path="blocks.9.0.se")},
-            "but the model has nothing there",
+            "there is no module there",
         ),
         "other-class": (
             {"edits": _edit(metadata, old_class="timm.layers.squeeze_excite.SEModule")},
-            "expects a timm.layers.squeeze_excite.SEModule, but the model has a "
-            "timm.models._efficientnet_blocks.SqueezeExcite",
+            "it is timm.models._efficientnet_blocks.SqueezeExcite, not timm.layers.squeeze_excite.SEModule",
         ),
         "slot-that-is-no-attribute": (
             {
@@ -188,25 +190,25 @@ def _misfits(metadata: dict[str, str]) -> dict[str, tuple[dict[str, str], str]]:
                     metadata, position="slot", path="conv_stem.nothing", eca_path="conv_stem.nothing"
                 )
             },
-            "expects an empty attention slot (None or an Identity), but the model has no such attribute",
+            "conv_stem has no attention slot 'nothing'",
         ),
         "slot-that-is-full": (
             {"edits": _edit(metadata, position="slot", path="conv_stem", eca_path="conv_stem")},
-            "but the model has a torch.nn.modules.conv.Conv2d",
+            "the slot is not empty: it holds torch.nn.modules.conv.Conv2d",
         ),
         "insert-elsewhere": (
             {
                 "edits": json.dumps([{**insert, "path": "conv_stem", "eca_path": "blocks.0.eca"}]),
                 **one_insert,
             },
-            "expects its ECA block inside 'conv_stem' or its parent",
+            "its ECA path 'blocks.0.eca' is in neither the module nor its parent",
         ),
         "insert-over-a-method": (
             {
                 "edits": json.dumps([{**insert, "path": "conv_stem", "eca_path": "conv_stem.forward"}]),
                 **one_insert,
             },
-            "expects no 'forward' in 'conv_stem' yet",
+            "'conv_stem.forward' is taken already",
         ),
     }
 

@@ -11,7 +11,7 @@ from torch import nn
 from eca_surgery.apply import apply_plan, check_applicable, find_misfit
 from eca_surgery.eca import DoubleSigmoid, make_eca
 from eca_surgery.edits import Edit, Gate, Position
-from eca_surgery.errors import CheckpointError, RecipeError, SurgeryError
+from eca_surgery.errors import RecipeError, SurgeryError
 from eca_surgery.models import create_model
 from eca_surgery.plan import GATE_NAMES, INSERT_NAMES, make_plan
 from eca_surgery.recipe import load_recipe, parse_recipe
@@ -450,7 +450,8 @@ def test_filled_slots_and_taken_paths_do_not_fit(recipe, reason):
 
 
 def test_misfits_of_edits_from_a_file():
-    plan = make_plan(create_model("resnet18", meta=True), load_recipe("eca-after-stages"), "resnet18")
+    model = create_model("resnet18", meta=True)
+    plan = make_plan(model, load_recipe("eca-after-stages"), "resnet18")
     other = AttnToy()
     edit = plan.edits[0]
     assert find_misfit(other, plan.edits).reason == "there is no module there"
@@ -468,11 +469,11 @@ def test_misfits_of_edits_from_a_file():
         find_misfit(create_model("resnet18", meta=True), [slot]).reason
         == "layer2.0 has no attention slot 'attn'"
     )
-    with pytest.raises(CheckpointError) as caught:
-        check_applicable(other, plan, source="Checkpoint 'x.safetensors'", error=CheckpointError)
-    assert str(caught.value).startswith(
-        "Checkpoint 'x.safetensors': its edits do not fit the rebuilt model at 'layer2': there is no module there."
+    inner = Edit.from_dict({**edit.to_dict(), "path": "layer2.0", "eca_path": "layer2.0.eca"})
+    swap = Edit.from_dict(
+        {**edit.to_dict(), "position": "in-place", "action": "replace", "eca_path": "layer2"}
     )
+    assert find_misfit(model, [swap, inner]).reason == "it lies inside 'layer2', which another edit replaces"
 
 
 # 5. gates
