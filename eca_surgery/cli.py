@@ -15,6 +15,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -242,6 +243,27 @@ FLAGS = {
 }
 
 
+# The text the user gave the running command: messages may quote it, and it is never rewritten.
+_user_text: ContextVar[tuple[str, ...]] = ContextVar("user_text", default=())
+
+
+def _texts(values: Any) -> tuple[str, ...]:
+    """Every string, path or list of them among ``values``, as text."""
+    texts: list[str] = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            texts.extend(_texts(value))
+        elif isinstance(value, (str, Path)):
+            texts.append(str(value))
+    return tuple(texts)
+
+
+def _flagged(message: str) -> str:
+    """A library message with its parameters named as this CLI's flags (``errors.with_flags``),
+    the user's own text left as written."""
+    return with_flags(message, FLAGS, keep=_user_text.get())
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """``command`` with the CLI's error boundary: a SurgeryError becomes a one-paragraph
     message (parameters named as flags) and exit code 1, with no traceback; an interrupt
@@ -249,15 +271,14 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        _user_text.set(_texts([*args, *kwargs.values()]))
         try:
             return command(*args, **kwargs)
         except StoppedBySignal as exc:  # stopped cleanly: the shell's code for the signal, like Ctrl-C's
-            err.print(escape(with_flags(str(exc), FLAGS)), highlight=False, soft_wrap=True)
+            err.print(escape(_flagged(str(exc))), highlight=False, soft_wrap=True)
             raise typer.Exit(143 if exc.signal_name == "SIGTERM" else 130) from None
         except SurgeryError as exc:
-            err.print(
-                f"[bold red]Error:[/] {escape(with_flags(str(exc), FLAGS))}", highlight=False, soft_wrap=True
-            )
+            err.print(f"[bold red]Error:[/] {escape(_flagged(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             what, code = (
@@ -281,7 +302,7 @@ def _raise_terminated(signum, frame) -> None:
 def _print_notes(notes: list[str]) -> None:
     from .report import render_notes
 
-    render_notes(err, [with_flags(note, FLAGS) for note in notes])
+    render_notes(err, [_flagged(note) for note in notes])
 
 
 def _finite(value: Any) -> Any:
