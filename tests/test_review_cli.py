@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
-from cli_helpers import run_fail
+from cli_helpers import run_fail, runner, text_of
 
-from eca_surgery.cli import FLAGS
+from eca_surgery.cli import FLAGS, app
 from eca_surgery.errors import with_flags
 
 
@@ -30,3 +32,22 @@ def test_with_flags_leaves_quoted_and_kept_text() -> None:
     assert with_flags(message, FLAGS, keep=["c`seed`d"]) == (
         "Output 'a `force` b' exists; pass --force or --init fit-se; read c`seed`d and the model's --seed."
     )
+
+
+PYTHON_NAME = re.compile(r"`[a-z][a-z0-9_]*(=[^`]*)?`")  # a library's parameter mention, unrewritten
+
+
+def test_convert_output_names_no_python_parameter(tmp_path: Path) -> None:
+    """Before: the calibration line of convert's report (tables and --json) read
+    'synthetic: 2 Gaussian-noise inputs of 3x224x224 (no `calib_data`)', a Python name the
+    CLI user never typed."""
+    out = tmp_path / "m.safetensors"
+    args = ["convert", "test_efficientnet", "-r", "se-to-eca", "--init", "fit-se", "--calib-size", "2"]
+    result = runner.invoke(app, [*args, "-o", str(out), "--json"])
+    assert result.exit_code == 0, text_of(result)
+    calibration = json.loads(result.stdout)["init"]["calibration"]
+    assert calibration.startswith("synthetic: 2 Gaussian-noise inputs of ")
+    result = runner.invoke(app, [*args, "-o", str(out), "--force"])
+    assert result.exit_code == 0, text_of(result)
+    for text in (calibration, result.stdout, result.stderr):
+        assert not PYTHON_NAME.search(text), text
