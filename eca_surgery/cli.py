@@ -248,14 +248,26 @@ _user_text: ContextVar[tuple[str, ...]] = ContextVar("user_text", default=())
 
 
 def _texts(values: Any) -> tuple[str, ...]:
-    """Every string, path or list of them among ``values``, as text."""
+    """Every string or path among ``values``, in lists and dicts at any depth, as text."""
     texts: list[str] = []
     for value in values:
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, dict):
+            texts.extend(_texts(value.values()))
+        elif isinstance(value, (list, tuple)):
             texts.extend(_texts(value))
         elif isinstance(value, (str, Path)):
             texts.append(str(value))
     return tuple(texts)
+
+
+def _load_recipe(recipe: str) -> Any:
+    """The recipe ``recipe`` names; its text (selectors, name) is the user's, kept as written
+    in messages that quote it."""
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    _user_text.set(_user_text.get() + _texts([parsed.to_dict()]))
+    return parsed
 
 
 def _flagged(message: str) -> str:
@@ -346,9 +358,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's SE blocks and, with --recipe, what the recipe would change. Writes nothing."""
-    from .recipe import load_recipe
-
-    parsed = load_recipe(recipe) if recipe else None
+    parsed = _load_recipe(recipe) if recipe else None
     kwargs = _model_kwargs(features_only, out_indices, model_arg)
     from .report import inspect_report, render_inspect
     from .surgery import inspect as inspect_model
@@ -391,9 +401,7 @@ def convert(
             "convert needs --output FILE.safetensors and/or --timm-dir DIR (or --dry-run to only "
             "show the plan)."
         )
-    from .recipe import load_recipe
-
-    parsed = load_recipe(recipe)
+    parsed = _load_recipe(recipe)
     kwargs = _model_kwargs(features_only, out_indices, model_arg)
     from .report import convert_notes, convert_report, leftover_notes, render_convert
     from .surgery import convert as convert_model
@@ -626,10 +634,9 @@ def recipe_check(
     json_out: JsonOpt = False,
 ) -> None:
     """Validate a recipe; with --model, show the plan it gives (built on the meta device, no weights)."""
-    from .recipe import load_recipe
     from .report import recipe_check_report, render_recipe_check
 
-    parsed = load_recipe(recipe)
+    parsed = _load_recipe(recipe)
     plan = None
     if model is not None:
         from .surgery import inspect as inspect_model

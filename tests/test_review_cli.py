@@ -51,3 +51,16 @@ def test_convert_output_names_no_python_parameter(tmp_path: Path) -> None:
     assert result.exit_code == 0, text_of(result)
     for text in (calibration, result.stdout, result.stderr):
         assert not PYTHON_NAME.search(text), text
+
+
+def test_backticks_in_recipe_text_are_not_rewritten_as_flags(tmp_path: Path) -> None:
+    """Before: a selector that matches nothing was quoted unquoted in the message, so
+    'path: layer1.`force`' read 'rule 1 (replace path layer1.--force) matches nothing'."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('version: 1\nrules:\n  - action: replace\n    select: {path: "layer1.`force`"}\n')
+    for args in (
+        ["recipe", "check", str(recipe), "-m", "seresnet18"],
+        ["inspect", "seresnet18", "-r", str(recipe)],
+    ):
+        message = run_fail(args, tmp_path)
+        assert "(replace path layer1.`force`) matches nothing" in message and "--force" not in message
