@@ -15,6 +15,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -242,6 +243,39 @@ FLAGS = {
 }
 
 
+# The text the user gave the running command: messages may quote it, and it is never rewritten.
+_user_text: ContextVar[tuple[str, ...]] = ContextVar("user_text", default=())
+
+
+def _texts(values: Any) -> tuple[str, ...]:
+    """Every string or path among ``values``, in lists and dicts at any depth, as text."""
+    texts: list[str] = []
+    for value in values:
+        if isinstance(value, dict):
+            texts.extend(_texts(value.values()))
+        elif isinstance(value, (list, tuple)):
+            texts.extend(_texts(value))
+        elif isinstance(value, (str, Path)):
+            texts.append(str(value))
+    return tuple(texts)
+
+
+def _load_recipe(recipe: str) -> Any:
+    """The recipe ``recipe`` names; its text (selectors, name) is the user's, kept as written
+    in messages that quote it."""
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    _user_text.set(_user_text.get() + _texts([parsed.to_dict()]))
+    return parsed
+
+
+def _flagged(message: str) -> str:
+    """A library message with its parameters named as this CLI's flags (``errors.with_flags``),
+    the user's own text left as written."""
+    return with_flags(message, FLAGS, keep=_user_text.get())
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """``command`` with the CLI's error boundary: a SurgeryError becomes a one-paragraph
     message (parameters named as flags) and exit code 1, with no traceback; an interrupt
@@ -249,15 +283,14 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        _user_text.set(_texts([*args, *kwargs.values()]))
         try:
             return command(*args, **kwargs)
         except StoppedBySignal as exc:  # stopped cleanly: the shell's code for the signal, like Ctrl-C's
-            err.print(escape(with_flags(str(exc), FLAGS)), highlight=False, soft_wrap=True)
+            err.print(escape(_flagged(str(exc))), highlight=False, soft_wrap=True)
             raise typer.Exit(143 if exc.signal_name == "SIGTERM" else 130) from None
         except SurgeryError as exc:
-            err.print(
-                f"[bold red]Error:[/] {escape(with_flags(str(exc), FLAGS))}", highlight=False, soft_wrap=True
-            )
+            err.print(f"[bold red]Error:[/] {escape(_flagged(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             what, code = (
@@ -281,7 +314,7 @@ def _raise_terminated(signum, frame) -> None:
 def _print_notes(notes: list[str]) -> None:
     from .report import render_notes
 
-    render_notes(err, [with_flags(note, FLAGS) for note in notes])
+    render_notes(err, [_flagged(note) for note in notes])
 
 
 def _finite(value: Any) -> Any:
@@ -325,9 +358,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a model's SE blocks and, with --recipe, what the recipe would change. Writes nothing."""
-    from .recipe import load_recipe
-
-    parsed = load_recipe(recipe) if recipe else None
+    parsed = _load_recipe(recipe) if recipe else None
     kwargs = _model_kwargs(features_only, out_indices, model_arg)
     from .report import inspect_report, render_inspect
     from .surgery import inspect as inspect_model
@@ -370,9 +401,7 @@ def convert(
             "convert needs --output FILE.safetensors and/or --timm-dir DIR (or --dry-run to only "
             "show the plan)."
         )
-    from .recipe import load_recipe
-
-    parsed = load_recipe(recipe)
+    parsed = _load_recipe(recipe)
     kwargs = _model_kwargs(features_only, out_indices, model_arg)
     from .report import convert_notes, convert_report, leftover_notes, render_convert
     from .surgery import convert as convert_model
@@ -605,10 +634,9 @@ def recipe_check(
     json_out: JsonOpt = False,
 ) -> None:
     """Validate a recipe; with --model, show the plan it gives (built on the meta device, no weights)."""
-    from .recipe import load_recipe
     from .report import recipe_check_report, render_recipe_check
 
-    parsed = load_recipe(recipe)
+    parsed = _load_recipe(recipe)
     plan = None
     if model is not None:
         from .surgery import inspect as inspect_model

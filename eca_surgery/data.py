@@ -171,7 +171,7 @@ def calibration_batches(
     if data is None:
         shape = input_size(model)
         x = torch.randn(count, *shape, generator=gen)
-        what = f"synthetic: {count} Gaussian-noise inputs of {'x'.join(map(str, shape))} (no `calib_data`)"
+        what = f"synthetic: {count} Gaussian-noise inputs of {'x'.join(map(str, shape))} (no calibration images given)"
         return list(x.split(batch_size)), what
     files = files if files is not None else image_files(data)
     config = data_config(model)

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-_PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+_PARAM = r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`]*))?`"
+# A string as Python's repr quotes it (how messages quote the user's text): never rewritten.
+_QUOTED = r"""(?<!\w)'(?:[^'\\\n]|\\.)*'(?!\w)|(?<!\w)"(?:[^"\\\n]|\\.)*"(?!\w)"""
 
 
-def with_flags(message: str, flags: Mapping[str, str]) -> str:
+def with_flags(message: str, flags: Mapping[str, str], keep: Iterable[str] = ()) -> str:
     """``message`` with each parameter it names (see the module docstring) that ``flags`` knows
     rewritten as that flag: ``flags["init"] = "--init"`` turns `` `init='fit-se'` `` into
     ``--init fit-se``; a key with a value (``"strict=False"``) maps that exact use, e.g. to
-    ``--non-strict``; ``=True`` of a known name is the bare flag. Other names stay as written."""
+    ``--non-strict``; ``=True`` of a known name is the bare flag. Other names stay as written.
+
+    Only the message's own mentions are rewritten: backticks inside a quoted string (a path
+    or name the user gave, as repr quotes it) or inside any of the texts in ``keep`` (the
+    user's input, wherever a message shows it unquoted) stay as the user wrote them."""
+    kept = sorted({text for text in keep if "`" in text}, key=len, reverse=True)
+    pattern = "|".join([*map(re.escape, kept), _QUOTED, _PARAM])
 
     def rewrite(match: re.Match) -> str:
-        name, value = match[1], match[2]
+        name, value = match["name"], match["value"]
+        if name is None:  # user text
+            return match[0]
         if value is not None and f"{name}={value}" in flags:
             return flags[f"{name}={value}"]
         flag = flags.get(name)
@@ -36,7 +46,7 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
             shown = value
         return f"{flag} {shown}"
 
-    return _PARAM.sub(rewrite, message)
+    return re.sub(pattern, rewrite, message)
 
 
 def sample_keys(keys: list[str], n: int = 5) -> str:
