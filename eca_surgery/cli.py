@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -333,6 +334,14 @@ def _print_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
+def _show(report: dict[str, Any], json_out: bool, render: Callable[..., None]) -> None:
+    """Print ``report`` as one JSON object, or lay it out with ``render(console, report)``."""
+    if json_out:
+        _print_json(report)
+    else:
+        render(out, report)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"eca-surgery {__version__}")
@@ -351,7 +360,12 @@ def _main(
 @app.command()
 def inspect(
     model: ModelArg,
-    recipe: RecipeOpt = None,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(
+            "--recipe", "-r", help="A recipe (file or bundled name) whose plan to show; writes nothing."
+        ),
+    ] = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     model_arg: ModelArgOpt = None,
@@ -364,10 +378,7 @@ def inspect(
     from .surgery import inspect as inspect_model
 
     report = inspect_report(inspect_model(model, parsed, **kwargs))
-    if json_out:
-        _print_json(report)
-    else:
-        render_inspect(out, report)
+    _show(report, json_out, render_inspect)
 
 
 @app.command()
@@ -424,10 +435,7 @@ def convert(
     )
     _print_notes(leftover_notes(result.leftovers) + convert_notes(result))
     report = convert_report(result)
-    if json_out:
-        _print_json(report)
-    else:
-        render_convert(out, report)
+    _show(report, json_out, render_convert)
 
 
 @app.command()
@@ -440,10 +448,7 @@ def verify(
     from .surgery import verify as verify_checkpoint
 
     report = verify_report(*verify_checkpoint(path), path)
-    if json_out:
-        _print_json(report)
-    else:
-        render_verify(out, report)
+    _show(report, json_out, render_verify)
 
 
 @app.command("recipes")
@@ -453,10 +458,7 @@ def list_recipes(json_out: JsonOpt = False) -> None:
     from .report import recipes_report, render_recipes
 
     report = recipes_report(bundled_recipes())
-    if json_out:
-        _print_json(report)
-    else:
-        render_recipes(out, report)
+    _show(report, json_out, render_recipes)
 
 
 @app.command()
@@ -488,10 +490,7 @@ def scan(
 
         result = scan_models(names, flops=flops, on_model=advance)
     report = scan_report(sort_rows(result, sort), limit)  # counts of every model scanned; rows cut to --limit
-    if json_out:
-        _print_json(report)
-    else:
-        render_scan(out, report)
+    _show(report, json_out, render_scan)
 
 
 DataOpt = Annotated[
@@ -554,6 +553,7 @@ def heal(
 ) -> None:
     """Distil the original model into a patched one on unlabelled images, training only what --train says."""
     from .healing import HealSettings, state_path
+    from .healing import heal as heal_model
     from .report import heal_report, leftover_notes, render_heal
     from .surgery import clean_outputs
 
@@ -568,30 +568,29 @@ def heal(
     )
     output = _file_path(output)
     _print_notes(leftover_notes(clean_outputs(output, state_path(output))))
-    options = dict(resume=resume, force=force, save_every=save_every, device=device, workers=workers)
-    result = _heal_with_progress(patched, data, output, teacher, teacher_checkpoint, settings, **options)
-    if result.rank != 0:
-        return
-    report = heal_report(result, output)
-    if json_out:
-        _print_json(report)
-    else:
-        render_heal(out, report)
+    with _heal_progress(steps) as on_step:
+        result = heal_model(
+            patched,
+            data,
+            output,
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            settings=settings,
+            resume=resume,
+            force=force,
+            save_every=save_every,
+            device=device,
+            workers=workers,
+            on_step=on_step,
+        )
+    if result.rank == 0:
+        _show(heal_report(result, output), json_out, render_heal)
 
 
-def _heal_with_progress(
-    patched: Path,
-    data: Path,
-    output: Path,
-    teacher: str | None,
-    teacher_checkpoint: Path | None,
-    settings: Any,
-    **options: Any,
-) -> Any:
-    """``heal.heal`` with a progress bar on stderr (on a terminal)."""
+@contextmanager
+def _heal_progress(steps: int) -> Iterator[Callable[[int, int, float, float], None]]:
+    """A progress bar on stderr (on a terminal), and the ``on_step`` callback that moves it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .healing import heal as heal_model
 
     columns = (
         TextColumn("healing"),
@@ -601,21 +600,12 @@ def _heal_with_progress(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("heal", total=settings.steps, loss=float("nan"), speed=0.0)
+        task = progress.add_task("heal", total=steps, loss=float("nan"), speed=0.0)
 
         def on_step(step: int, total: int, loss: float, speed: float) -> None:
             progress.update(task, completed=step, loss=loss, speed=speed)
 
-        return heal_model(
-            patched,
-            data,
-            output,
-            teacher=teacher,
-            teacher_checkpoint=teacher_checkpoint,
-            settings=settings,
-            on_step=on_step,
-            **options,
-        )
+        yield on_step
 
 
 recipe_app = _Typer(help="Check recipes and print the recipe format's JSON Schema.", no_args_is_help=True)
@@ -625,13 +615,13 @@ app.add_typer(recipe_app, name="recipe")
 @recipe_app.command("check")
 def recipe_check(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or bundled recipe name.")],
+    json_out: JsonOpt = False,
     model: Annotated[
         Optional[str], typer.Option("--model", "-m", help="Also resolve it against this timm model.")
     ] = None,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     model_arg: ModelArgOpt = None,
-    json_out: JsonOpt = False,
 ) -> None:
     """Validate a recipe; with --model, show the plan it gives (built on the meta device, no weights)."""
     from .report import recipe_check_report, render_recipe_check
@@ -643,10 +633,7 @@ def recipe_check(
 
         plan = inspect_model(model, parsed, **_model_kwargs(features_only, out_indices, model_arg)).plan
     report = recipe_check_report(parsed, plan)
-    if json_out:
-        _print_json(report)
-    else:
-        render_recipe_check(out, parsed, report)
+    _show(report, json_out, functools.partial(render_recipe_check, recipe=parsed))
 
 
 @recipe_app.command("schema")

@@ -456,7 +456,7 @@ def recipe_check_report(recipe: Recipe, plan: Plan | None = None) -> dict[str, A
     return report
 
 
-def render_recipe_check(console: Console, recipe: Recipe, report: dict[str, Any]) -> None:
+def render_recipe_check(console: Console, report: dict[str, Any], recipe: Recipe) -> None:
     console.print(f"{escape(recipe.source)}: valid recipe, {len(recipe.rules)} rule(s).", highlight=False)
     for i, rule in enumerate(recipe.rules):
         where = f" {rule.where}" if rule.action == "insert" and rule.select.placement != "in-blocks" else ""
