@@ -26,7 +26,7 @@ from .detect import qualified_name
 from .eca import make_eca
 from .edits import Edit, Position
 from .errors import SurgeryError
-from .locate import is_empty_slot, is_plain_sequential, runs_own_children
+from .locate import ATTN_SLOTS, is_empty_slot, is_plain_sequential, runs_own_children
 from .plan import Plan
 
 
@@ -142,6 +142,8 @@ def _slot_misfit(model: nn.Module, edit: Edit) -> str | None:
     parent = _module(model, parent_path)
     if parent is None:
         return f"there is no module {parent_path!r}"
+    if name not in ATTN_SLOTS:  # only where timm's blocks keep attention; never e.g. a None downsample
+        return f"{name!r} is not an attention slot (one of: {', '.join(ATTN_SLOTS)})"
     if is_empty_slot(parent, name):
         return None
     if not hasattr(parent, name):

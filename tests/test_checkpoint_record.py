@@ -185,16 +185,16 @@ def _misfits(metadata: dict[str, str]) -> dict[str, tuple[dict[str, str], str]]:
             "it is timm.models._efficientnet_blocks.SqueezeExcite, not timm.layers.squeeze_excite.SEModule",
         ),
         "slot-that-is-no-attribute": (
-            {
-                "edits": _edit(
-                    metadata, position="slot", path="conv_stem.nothing", eca_path="conv_stem.nothing"
-                )
-            },
-            "conv_stem has no attention slot 'nothing'",
+            {"edits": _edit(metadata, position="slot", path="conv_stem.se", eca_path="conv_stem.se")},
+            "conv_stem has no attention slot 'se'",
         ),
         "slot-that-is-full": (
+            {"edits": _edit(metadata, position="slot")},
+            "the slot is not empty: it holds timm.models._efficientnet_blocks.SqueezeExcite",
+        ),
+        "slot-that-is-no-attention": (
             {"edits": _edit(metadata, position="slot", path="conv_stem", eca_path="conv_stem")},
-            "the slot is not empty: it holds torch.nn.modules.conv.Conv2d",
+            "'conv_stem' is not an attention slot",
         ),
         "insert-elsewhere": (
             {
@@ -227,8 +227,8 @@ CASE_NAMES = [
     "params-after", "edit-of-no-rule", "heal-record", "init-record",
 ]  # fmt: skip
 MISFIT_NAMES = [
-    "no-such-module", "other-class", "slot-that-is-no-attribute", "slot-that-is-full", "insert-elsewhere",
-    "insert-over-a-method",
+    "no-such-module", "other-class", "slot-that-is-no-attribute", "slot-that-is-full", "slot-that-is-no-attention",
+    "insert-elsewhere", "insert-over-a-method",
 ]  # fmt: skip
 
 

@@ -129,3 +129,27 @@ def test_an_edit_made_with_strings_holds_enums():
 def test_calib_size_must_be_an_integer(value):
     with pytest.raises(SurgeryError, match="`calib_size` must be an integer, got"):
         convert("seresnet18", "se-to-eca", init="fit-se", calib_size=value, dry_run=True)
+
+
+def test_a_slot_edit_fills_only_an_attention_slot(tmp_path):
+    """A crafted file may not put an ECA block into any empty attribute: ResNet's
+    ``downsample`` is None in blocks that keep their shape, and an ECA there would change
+    the function of a model whose every weight loads."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from eca_surgery import CheckpointError, convert, load_patched
+
+    result = convert("resnet18", "eca-in-blocks")
+    path = result.save(tmp_path / "r18.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edits = json.loads(metadata["edits"])
+    assert edits[0]["path"] == "layer1.0.se"
+    edits[0].update(path="layer1.0.downsample", eca_path="layer1.0.downsample")
+    tensors["layer1.0.downsample.conv.weight"] = tensors.pop("layer1.0.se.conv.weight")
+    save_file(tensors, tmp_path / "evil.safetensors", metadata={**metadata, "edits": json.dumps(edits)})
+    with pytest.raises(CheckpointError, match="'downsample' is not an attention slot"):
+        load_patched(tmp_path / "evil.safetensors")
