@@ -7,7 +7,7 @@ only the work:
 * naive: timm.create_model (random init of every weight), load_state_dict from the
   file, replace the SE blocks, save;
 * ours: eca_surgery's convert (meta-device build, weights assigned from the file,
-  plan, apply, output-shape and finite-value checks, FLOPs) and save_patched;
+  plan, apply, output-shape and finite-value checks, FLOPs) and Conversion.save;
 * ours (core): the same work as the naive path (no checks, FLOPs or timm-native search);
 * floor: safetensors load_file + save_file of the same tensors, nothing else.
 
