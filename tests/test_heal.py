@@ -7,10 +7,11 @@ import pytest
 import timm
 import torch
 from cli_helpers import run_fail, run_ok, run_usage_error
+from heal_inputs import heal_inputs
 from PIL import Image
-from randomised import assert_same_tensors, has_buffers, randomise_
+from randomised import assert_same_tensors, has_buffers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from eca_surgery.checkpoint import save_patched
 from eca_surgery.recipe import load_recipe
@@ -23,27 +24,7 @@ FAST = ["--batch-size", "4", "--lr", "0.01"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A teacher checkpoint, its fit-se conversion, and a folder of 12 images."""
-    root = tmp_path_factory.mktemp("heal")
-    torch.manual_seed(0)
-    teacher = root / "teacher.safetensors"
-    save_file(randomise_(timm.create_model("seresnet18", **SMALL)).state_dict(), teacher)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(12):
-        folder = root / "images" / f"c{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()).save(folder / f"{i}.png")
-    conv = convert(
-        "seresnet18", load_recipe("se-to-eca"), checkpoint=teacher, init="fit-se", calib_size=4, **SMALL
-    )
-    patched = save_patched(
-        conv.model,
-        root / "patched.safetensors",
-        conv.plan,
-        model_kwargs=SMALL,
-        source=str(teacher),
-        init=conv.init,
-    )
-    return root, patched, teacher
+    return heal_inputs(tmp_path_factory.mktemp("heal"), SMALL, 12, classes=3, init="fit-se", calib_size=4)
 
 
 def heal_args(patched, root, out, *extra):

@@ -6,49 +6,24 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
-from PIL import Image
-from randomised import randomise_
+from heal_inputs import heal_inputs
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from eca_surgery.checkpoint import load_patched, open_patched, save_patched
+from eca_surgery.checkpoint import load_patched, open_patched
 from eca_surgery.choices import Train
+from eca_surgery.cli import FLAGS
 from eca_surgery.errors import SurgeryError, with_flags
 from eca_surgery.healing import HealResult, HealRun, HealSettings, prepare_heal, state_path, train
-from eca_surgery.surgery import convert
 
 SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
 FAST = {"steps": 2, "batch_size": 4, "lr": 0.01}
-FLAGS = {
-    "train": "--train",
-    "steps": "--steps",
-    "batch_size": "--batch-size",
-    "device": "--device",
-    "resume": "--resume",
-    "force": "--force",
-    "output": "--output",
-}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A teacher checkpoint, its conversion saved with its source, and 8 generated images."""
-    root = tmp_path_factory.mktemp("heal-api")
-    torch.manual_seed(0)
-    teacher = root / "teacher.safetensors"
-    save_file(randomise_(timm.create_model("seresnet18", **SMALL)).state_dict(), teacher)
-    gen = torch.Generator().manual_seed(0)
-    (root / "images").mkdir()
-    for i in range(8):
-        pixels = (torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-    conv = convert("seresnet18", "se-to-eca", checkpoint=teacher, check=False, flops=False, **SMALL)
-    patched = save_patched(
-        conv.model, root / "patched.safetensors", conv.plan, model_kwargs=SMALL, source=str(teacher)
-    )
-    return root, patched, teacher
+    return heal_inputs(tmp_path_factory.mktemp("heal-api"), SMALL, 8, check=False, flops=False)
 
 
 def _heal_metadata(path) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from cli_helpers import run_fail, run_ok, run_usage_error, runner, text_of
+from heal_inputs import heal_inputs
 from PIL import Image
 from rich.console import Console
 from safetensors import safe_open
@@ -363,20 +364,7 @@ def test_readme_says_the_model_keeps_the_file_dtype():
 
 @pytest.fixture(scope="module")
 def heal_setup(tmp_path_factory, state):
-    root = tmp_path_factory.mktemp("heal")
-    teacher = root / "teacher.safetensors"
-    save_file(timm.create_model("seresnet18", **SMALL).state_dict(), str(teacher))
-    gen = torch.Generator().manual_seed(0)
-    (root / "images").mkdir()
-    for i in range(8):
-        Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()).save(
-            root / "images" / f"{i}.png"
-        )
-    conv = convert("seresnet18", load_recipe("se-to-eca"), checkpoint=teacher, **SMALL)
-    patched = save_patched(
-        conv.model, root / "patched.safetensors", conv.plan, model_kwargs=SMALL, source=str(teacher)
-    )
-    return root, patched, teacher
+    return heal_inputs(tmp_path_factory.mktemp("heal"), SMALL, 8, randomise=False)
 
 
 def _heal(root, patched, teacher, out, *extra):

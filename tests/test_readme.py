@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
+from heal_inputs import noise_images
 from randomised import assert_same_tensors, randomise_
 from safetensors.torch import load_file, save_file
 
@@ -33,11 +32,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     source = randomise_(timm.create_model("seresnet50", pretrained=False, num_classes=10), seed=3)
     save_file(source.state_dict(), "seresnet50-10cls.safetensors")
-    (tmp_path / "images").mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(2):
-        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).byte().numpy()
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    noise_images(tmp_path / "images", 2, size=40)
     return tmp_path
 
 
