@@ -72,7 +72,21 @@ class Misfit:
     module at the edit's path)."""
 
     edit: Edit
+    index: int
     reason: str
+
+
+class PlanMisfit(SurgeryError):
+    """A plan that does not fit the model it is applied to; ``misfit`` says where and why,
+    so a caller (such as a checkpoint loader) can word it for its own input."""
+
+    def __init__(self, misfit: Misfit) -> None:
+        super().__init__(
+            f"apply_plan: the plan does not fit this model at {misfit.edit.path!r}: {misfit.reason}. The "
+            "plan was made for another model, or was already applied to this one; nothing was changed. "
+            "Make the plan on the model it is applied to, with make_plan, and apply it once."
+        )
+        self.misfit = misfit
 
 
 def check_applicable(model: nn.Module, plan: Plan) -> None:
@@ -80,11 +94,7 @@ def check_applicable(model: nn.Module, plan: Plan) -> None:
     :func:`find_misfit`): one made for another model, or applied to it already."""
     misfit = find_misfit(model, plan.edits)
     if misfit is not None:
-        raise SurgeryError(
-            f"apply_plan: the plan does not fit this model at {misfit.edit.path!r}: {misfit.reason}. The "
-            "plan was made for another model, or was already applied to this one; nothing was changed. "
-            "Make the plan on the model it is applied to, with make_plan, and apply it once."
-        )
+        raise PlanMisfit(misfit)
 
 
 def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
@@ -97,13 +107,13 @@ def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
     edits = list(edits)
     replaced = {e.path for e in edits if not e.position.inserts}
     taken: set[str] = set()
-    for edit in edits:
+    for index, edit in enumerate(edits):
         if edit.eca_path in taken:
-            return Misfit(edit, f"a second edit puts an ECA block at {edit.eca_path!r}")
+            return Misfit(edit, index, f"a second edit puts an ECA block at {edit.eca_path!r}")
         taken.add(edit.eca_path)
         inside = _inside(edit.path, replaced)
         if inside is not None:
-            return Misfit(edit, f"it lies inside {inside[:200]!r}, which another edit replaces")
+            return Misfit(edit, index, f"it lies inside {inside[:200]!r}, which another edit replaces")
         if edit.position == Position.IN_PLACE:
             reason = _replace_misfit(model, edit)
         elif edit.position == Position.SLOT:
@@ -111,7 +121,7 @@ def find_misfit(model: nn.Module, edits: Iterable[Edit]) -> Misfit | None:
         else:
             reason = _insert_misfit(model, edit)
         if reason is not None:
-            return Misfit(edit, reason)
+            return Misfit(edit, index, reason)
     return None
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from .outputs import atomic_write_file, check_file_output, current_umask  # noqa
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
 from .weights import check_tensors, read_safetensors
+
+if TYPE_CHECKING:
+    from .apply import Misfit
 
 FORMAT = "eca-surgery"
 FORMAT_VERSION = "2"
@@ -341,15 +344,16 @@ def rebuild(record: CheckpointRecord, what: str, meta: bool = False) -> nn.Modul
     """``record``'s model built with its kwargs and patched by its edits, without planning:
     on the meta device (``meta``), or ready to be filled by a state_dict (``models.loadable``).
     A CheckpointError names the first edit that does not fit the model timm builds now."""
-    from .apply import apply_plan
+    from .apply import PlanMisfit, apply_plan
 
     name, kwargs = record.model, record.model_kwargs
     model = create_model(name, meta=True, **kwargs)
     if not meta:
         model = loadable(model, name, **kwargs)
-    check_edits_fit(model, record, what)
     try:
         apply_plan(model, record.plan)
+    except PlanMisfit as exc:
+        raise _misfit_error(exc.misfit, record, what) from None
     except (SurgeryError, AttributeError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
         raise CheckpointError(
             f"{what}: its edits cannot be applied to {name} as this timm builds it ({summary(exc)}). "
@@ -358,21 +362,17 @@ def rebuild(record: CheckpointRecord, what: str, meta: bool = False) -> nn.Modul
     return model
 
 
-def check_edits_fit(model: nn.Module, record: CheckpointRecord, what: str) -> None:
-    """Refuse, before anything is changed, edits that do not fit ``model`` (see
-    ``apply.find_misfit``), naming the first one and the timm that wrote the file."""
+def _misfit_error(misfit: Misfit, record: CheckpointRecord, what: str) -> CheckpointError:
+    """The error for stored edits that do not fit the rebuilt model: the first misfit, and
+    the timm that wrote the file."""
     import timm
 
-    from .apply import find_misfit
-
-    misfit = find_misfit(model, record.plan.edits)
-    if misfit is not None:
-        edit = misfit.edit
-        raise CheckpointError(
-            f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
-            f"it: edit {record.plan.edits.index(edit)} ({edit.position.value} at {edit.path[:200]!r}): "
-            f"{misfit.reason}. {_refit_hint(record)}"
-        )
+    edit = misfit.edit
+    return CheckpointError(
+        f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
+        f"it: edit {misfit.index} ({edit.position.value} at {edit.path[:200]!r}): {misfit.reason}. "
+        f"{_refit_hint(record)}"
+    )
 
 
 def _refit_hint(record: CheckpointRecord) -> str:

@@ -214,7 +214,7 @@ def build_teacher(
     if checkpoint is not None:
         path, source = Path(checkpoint), str(checkpoint)
     else:
-        path, source = pretrained_file(name, "`teacher_checkpoint`")
+        path, source = pretrained_file(name, "teacher_checkpoint")
     model, _ = build_with_weights(
         name, read_state_dict(path), f"Teacher checkpoint {str(path)!r}", **model_kwargs
     )
@@ -338,7 +338,7 @@ def _starting_point(
         check_resumable(output)
     patched = open_patched(output if resume else patched_path)
     heal_meta, opt_state = (
-        resume_point(output, patched.metadata, settings.to_dict(), settings.steps, origin)
+        resume_point(output, patched.record.provenance.heal, settings.to_dict(), settings.steps, origin)
         if resume
         else (None, None)
     )
@@ -535,7 +535,7 @@ def _diverged(step: int, what: str, lr: float, saved: int | None, output: Path) 
 def _source_file(patched: Patched, path: str | Path) -> Path | None:
     """The weights file ``patched`` was converted from, if it still exists; None for
     timm's pretrained weights; an error for a model converted from random weights."""
-    source = patched.metadata.get("source_weights", "")
+    source = patched.record.provenance.source
     if source.startswith("timm pretrained"):
         return None
     if source and Path(source).is_file():

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from .errors import SurgeryError
-from .jsontext import loads_strict
 from .outputs import atomic_write_file
 
 # the settings a resumed run must share with the run it continues
@@ -40,17 +39,13 @@ def write_state(output: Path, step: int, optimizer: torch.optim.Optimizer) -> Pa
     return atomic_write_file(state_path(output), write, force=True)
 
 
-def heal_record(output: Path, text: str) -> dict[str, Any] | None:
-    """The heal record of an earlier run's ``output`` (its ``heal`` metadata), checked for
-    the shape :func:`resume_point` reads: None if there is none."""
+def heal_record(output: Path, heal: Any) -> dict[str, Any] | None:
+    """The heal record of an earlier run's ``output`` (its checkpoint record's ``heal``),
+    checked for the shape :func:`resume_point` reads: None if there is none."""
     bad = SurgeryError(
         f"`resume=True`: the heal record in {str(output)!r} is damaged or not one this eca-surgery "
         f"wrote, so the run cannot continue; {_AFRESH}."
     )
-    try:
-        heal = loads_strict(text)
-    except (ValueError, TypeError):
-        raise bad from None
     if heal is None:
         return None
     settings = heal.get("settings") if isinstance(heal, dict) else None
@@ -110,11 +105,11 @@ def check_resumable(output: Path) -> None:
 
 
 def resume_point(
-    output: Path, metadata: dict[str, str], settings: dict[str, Any], steps: int, origin: dict[str, str]
+    output: Path, record: dict[str, Any] | None, settings: dict[str, Any], steps: int, origin: dict[str, str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The heal record in the ``metadata`` of an earlier run's ``output`` and its optimizer
-    state, checked to go with a run of ``settings`` (as a dict), ``steps`` and ``origin``."""
-    heal = heal_record(output, metadata.get("heal", "null") or "null")
+    """The heal ``record`` of an earlier run's ``output`` and its optimizer state, checked to
+    go with a run of ``settings`` (as a dict), ``steps`` and ``origin``."""
+    heal = heal_record(output, record)
     if heal is None:
         raise SurgeryError(
             f"`resume=True`: {str(output)!r} was not written by `eca-surgery heal`, so there is "

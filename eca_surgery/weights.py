@@ -175,15 +175,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def pretrained_file(model_name: str, param: str = "checkpoint") -> tuple[Path, str]:
     """The local file of timm's pretrained weights for ``model_name``, from the Hugging Face
     cache (downloading only when the network allows); and a description of the source.
-    ``param`` names the parameter that takes a local file instead, for the error messages
-    (a flag such as ``--teacher-checkpoint`` is read as its parameter, ``teacher_checkpoint``)."""
+    ``param`` names the parameter that takes a local file instead, for the error messages."""
     import timm
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     from .models import create_model
 
-    local = f"`{param.removeprefix('--').replace('-', '_')}=FILE`"
+    local = f"`{param}=FILE`"
     cfg = create_model(model_name, meta=True).pretrained_cfg
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
