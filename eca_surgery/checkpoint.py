@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +30,14 @@ from .edits import Edit
 from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
-    check_fits,
     check_has_data,
-    check_kinds,
     check_matches,
     check_model_kwargs,
     create_model,
     load_into,
     loadable,
-    shapes_of,
 )
-from .outputs import atomic_write_file, check_file_output, current_umask  # noqa: F401
+from .outputs import atomic_write_file
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
 from .weights import check_tensors, read_safetensors
@@ -117,7 +114,7 @@ class Versions:
     def from_metadata(cls, metadata: dict[str, str]) -> Versions:
         """The versions in ``metadata``; one that is not a short printable string reads as None
         (they are shown, never used)."""
-        found = [metadata.get(f"{k}_version") for k in ("eca_surgery", "timm", "torch")]
+        found = [metadata.get(f"{f.name}_version") for f in fields(cls)]
         return cls(*(v if isinstance(v, str) and len(v) <= 100 and v.isprintable() else None for v in found))
 
 
@@ -140,8 +137,8 @@ class CheckpointRecord:
     def of(
         cls, plan: Plan, model_kwargs: dict[str, Any], provenance: Provenance | None = None
     ) -> CheckpointRecord:
-        """The record of a model converted by ``plan``, to be written now (current versions)."""
-        return cls(plan.model, dict(model_kwargs), plan, provenance or Provenance(), Versions.current())
+        """The record of a model converted by ``plan`` (``write_checkpoint`` stamps the versions)."""
+        return cls(plan.model, dict(model_kwargs), plan, provenance or Provenance())
 
     def to_metadata(self) -> dict[str, str]:
         """The record as format-2 safetensors metadata (all strings): the one place it is written."""
@@ -179,8 +176,8 @@ class CheckpointRecord:
         return cls(name, kwargs, plan, provenance, Versions.from_metadata(metadata), plan.params_after)
 
     def with_heal(self, heal: dict[str, Any]) -> CheckpointRecord:
-        """This record with ``heal`` as its heal record, written with the current versions."""
-        return replace(self, provenance=replace(self.provenance, heal=heal), versions=Versions.current())
+        """This record with ``heal`` as its heal record."""
+        return replace(self, provenance=replace(self.provenance, heal=heal))
 
 
 @dataclass
@@ -382,12 +379,6 @@ def _refit_hint(record: CheckpointRecord) -> str:
     )
 
 
-def check_output(path: str | Path, force: bool, size: int | None = None) -> Path:
-    """Refuse an output path that exists (without ``force``), that is not a regular file,
-    or whose folder does not exist, is not writable or (``size`` bytes) has not the space."""
-    return check_file_output(path, force, size)
-
-
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """The bytes the tensors take in a safetensors file (without its small header)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -428,7 +419,7 @@ def save_patched(
     place (see ``eca_surgery.outputs``), so an interrupted or failed write never leaves a
     partial checkpoint and never damages the old one; a replaced file keeps its mode.
     """
-    provenance = Provenance(source, native, init or {"method": "default"}, heal)
+    provenance = Provenance(source, native, init or Provenance().init, heal)
     return write_checkpoint(model, path, CheckpointRecord.of(plan, model_kwargs or {}, provenance), force)
 
 
@@ -498,8 +489,7 @@ def open_patched(path: str | Path) -> Patched:
     what = f"Checkpoint {str(path)!r}"
     check_tensors(tensors, what)
     model = rebuild(record, what)
-    check_fits(model, shapes_of(tensors), what, f"{record.model} patched by its edits")
-    check_kinds(model, tensors, what)
+    check_matches(model, tensors, what, f"{record.model} patched by its edits")
     load_into(model, tensors)
     model.eval()
     return Patched(model, record, metadata)

@@ -1,5 +1,5 @@
-"""The choices the API's options take, as enums: how new kernels start, what heal trains,
-how scan orders its rows.
+"""The choices the API's options take, as enums (how new kernels start, what heal trains,
+how scan orders its rows), and the bounds the CLI states in its signatures too.
 
 They are plain ``str`` enums (``Init.FIT_SE == "fit-se"``), so a notebook user may pass
 the string, and this module imports neither torch nor timm, so the CLI can use them in its
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 from typing import Any
+
+MAX_WORKERS = 256  # DataLoader worker processes heal may start
 
 
 class Init(str, Enum):

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .choices import Init, Sort, Train
+from .choices import MAX_WORKERS, Init, Sort, Train
 from .errors import StoppedBySignal, SurgeryError, with_flags
 from .jsontext import loads_strict
 
@@ -207,7 +207,7 @@ def _file_path(value: str | None) -> Path | None:
     return Path(value)
 
 
-# The API's parameter names (as its messages write them, see ``errors``) and this CLI's flags.
+# The API's parameter names that its messages write (see ``errors``), and this CLI's flags for them.
 FLAGS = {
     "init": "--init",
     "calib_size": "--calib-size",
@@ -230,17 +230,11 @@ FLAGS = {
     "batch_size": "--batch-size",
     "temperature": "--temperature",
     "feature_weight": "--feature-weight",
-    "weight_decay": "--weight-decay",
     "seed": "--seed",
     "resume": "--resume",
     "save_every": "--save-every",
     "device": "--device",
     "workers": "--workers",
-    "data": "--data",
-    "recipe": "--recipe",
-    "sort": "--sort",
-    "limit": "--limit",
-    "flops": "--flops",
 }
 
 
@@ -523,9 +517,7 @@ SaveEveryOpt = Annotated[int, typer.Option(min=0, help="Also write OUTPUT every 
 DeviceOpt = Annotated[
     Optional[str], typer.Option(help="Device, e.g. cpu or cuda:1 (default: the GPU if any).")
 ]
-WorkersOpt = Annotated[  # at most heal.MAX_WORKERS (not imported: it would load torch for --help)
-    int, typer.Option(min=0, max=256, help="DataLoader worker processes.")
-]
+WorkersOpt = Annotated[int, typer.Option(min=0, max=MAX_WORKERS, help="DataLoader worker processes.")]
 
 
 @app.command()
@@ -552,10 +544,9 @@ def heal(
     json_out: JsonOpt = False,
 ) -> None:
     """Distil the original model into a patched one on unlabelled images, training only what --train says."""
-    from .healing import HealSettings, state_path
+    from .healing import HealSettings
     from .healing import heal as heal_model
     from .report import heal_report, leftover_notes, render_heal
-    from .surgery import clean_outputs
 
     settings = HealSettings(
         steps=steps,
@@ -567,7 +558,6 @@ def heal(
         seed=seed,
     )
     output = _file_path(output)
-    _print_notes(leftover_notes(clean_outputs(output, state_path(output))))
     with _heal_progress(steps) as on_step:
         result = heal_model(
             patched,
@@ -584,6 +574,7 @@ def heal(
             on_step=on_step,
         )
     if result.rank == 0:
+        _print_notes(leftover_notes(result.leftovers))
         _show(heal_report(result, output), json_out, render_heal)
 
 

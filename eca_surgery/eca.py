@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .choices import choice
 from .edits import Gate
 
 
@@ -72,9 +73,5 @@ def make_eca(
 def _gate_layer(gate: Gate | str) -> str | type[nn.Module]:
     """What timm's EcaModule takes as ``gate_layer`` for ``gate``: timm's own name for the
     sigmoid and hard sigmoid, and :class:`DoubleSigmoid`, which timm lacks."""
-    try:
-        gate = Gate(gate)
-    except ValueError:
-        choices = ", ".join(g.value for g in Gate)
-        raise ValueError(f"unknown ECA gate {gate!r}; expected one of: {choices}") from None
+    gate = choice(Gate, gate, "gate", ValueError)
     return DoubleSigmoid if gate is Gate.DOUBLE_SIGMOID else gate.value

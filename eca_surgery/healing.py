@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Patched, open_patched, write_checkpoint
-from .choices import Train, choice
+from .choices import MAX_WORKERS, Train, choice
 from .data import ImageFiles, data_config, image_files, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
 from .models import build_with_weights, check_seed, input_size
-from .outputs import check_file_output, check_outputs_apart, written_together
+from .outputs import check_file_output, check_outputs_apart, clean_outputs, written_together
 from .paths import stat_input
 from .resume import check_resumable, load_optimizer, resume_point, state_path, write_state
 from .weights import read_state_dict
@@ -70,7 +70,6 @@ class HealSettings:
 
     def check(self) -> None:
         """Refuse values a run cannot use, naming the parameter (e.g. `` `steps` ``)."""
-        choice(Train, self.train, "train")
         check_seed(self.seed)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
@@ -102,6 +101,7 @@ class HealResult:
     images_per_s: float = 0.0
     rank: int = 0
     history: dict[str, Any] | None = None  # the heal record last saved (None: nothing saved yet)
+    leftovers: list[Path] = field(default_factory=list)  # temporaries of killed runs, removed
 
     @property
     def model(self) -> nn.Module:
@@ -134,6 +134,7 @@ class HealRun:
     save_every: int = 0
     rank: int = 0
     world: int = 1
+    leftovers: list[Path] = field(default_factory=list)  # temporaries of killed runs, removed
 
     @property
     def student(self) -> nn.Module:
@@ -280,13 +281,12 @@ def prepare_heal(
     the run that wrote ``output``; ``force`` replaces an existing ``output``;
     ``save_every`` also writes it every that many steps; ``device`` (default: the GPU if
     any) and ``workers`` (DataLoader processes) say where it runs."""
-    settings.check()
     check_loop_options(save_every, workers)
     dev = pick_device(device)
     output = Path(output)
     rank, world = _distributed()
     files = image_files(data)
-    _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
+    leftovers = _check_outputs(output, patched_path, resume, force, teacher_checkpoint, data)
     origin = _origin(patched_path, data, teacher, teacher_checkpoint)
     patched, history, opt_state = _starting_point(patched_path, output, settings, origin, resume, teacher)
     t_model, history["teacher_weights"] = _teacher_model(
@@ -308,7 +308,7 @@ def prepare_heal(
     teacher_net = _FeaturesAndLogits(t_model.to(dev))
     return HealRun(
         patched, settings, output, history, start, resume, dev, net, teacher_net, optimizer, batches,
-        trainable, save_every, rank, world,
+        trainable, save_every, rank, world, leftovers,
     )  # fmt: skip
 
 
@@ -397,7 +397,9 @@ def train(run: HealRun, on_step: OnStep | None = None) -> HealResult:
     ``run.save_every`` steps, and on Ctrl-C or SIGTERM, which stop it between steps).
     ``on_step(step, steps, loss, images_per_s)`` is called after every step (on process 0).
     A loss or weights that stop being finite stop the run without saving them."""
-    result = HealResult(run.patched, run.settings, run.start, run.start, rank=run.rank)
+    result = HealResult(
+        run.patched, run.settings, run.start, run.start, rank=run.rank, leftovers=run.leftovers
+    )
     saved: list[int] = [run.start] if run.resumed else []
     watched = [p for p in run.student.parameters() if p.requires_grad] + [
         b for m in run.student.modules() if m.training and is_norm(m) for b in m.buffers()
@@ -495,9 +497,6 @@ def heal(
     ``resume`` can continue. This is :func:`prepare_heal` then :func:`train`.
     """
     return train(prepare_heal(patched_path, data, output, **options), on_step)
-
-
-MAX_WORKERS = 256
 
 
 def check_loop_options(save_every: int, workers: int) -> None:
@@ -606,16 +605,19 @@ def _check_outputs(
     force: bool,
     teacher_checkpoint: str | Path | None = None,
     data: str | Path | None = None,
-) -> None:
+) -> list[Path]:
     """Refuse, before any work, outputs heal may not write: the healed checkpoint (which
     ``resume`` replaces) and its optimizer state, in a writable folder with room for a
-    checkpoint as large as the patched one."""
+    checkpoint as large as the patched one. Remove their temporaries left by killed runs
+    and return those."""
     patched = Path(patched_path)
     st = stat_input(patched, "Checkpoint", CheckpointError)
     size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
     check_file_output(output, force or resume, size)
     check_file_output(state_path(output), True)
+    removed = clean_outputs(output, state_path(output))
     check_outputs_apart(
         {"output": output, "optimizer state": state_path(output)},
         {"patched checkpoint": patched, "teacher checkpoint": teacher_checkpoint, "data folder": data},
     )
+    return removed

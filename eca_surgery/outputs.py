@@ -351,6 +351,11 @@ def clean_leftovers(folder: str | Path, name: str) -> list[Path]:
     return removed
 
 
+def clean_outputs(*paths: str | Path) -> list[Path]:
+    """Remove the temporaries of the outputs ``paths`` left by killed runs; return what was removed."""
+    return [left for path in map(Path, paths) for left in clean_leftovers(path.parent, path.name)]
+
+
 def _clean_and_warn(target: Path) -> None:
     for path in clean_leftovers(target.parent, target.name):
         warnings.warn(f"Removed {str(path)!r}, left by an interrupted eca-surgery run.", stacklevel=4)

@@ -35,13 +35,11 @@ __all__ = ["GATE_NAMES", "INSERT_NAMES", "Edit", "Plan", "count_params", "make_p
 INSERT_NAMES = {Position.AFTER: "eca", Position.BEFORE: "eca_before"}
 # the gate an SE block's gate class (by name) keeps, for ``gate: keep``
 GATE_NAMES = {"Sigmoid": Gate.SIGMOID, "HardSigmoid": Gate.HARD_SIGMOID, "Hardsigmoid": Gate.HARD_SIGMOID}
-# what a module changed in place (replaced, or its slot filled) must not also get beside it, and back
-_CLASHES = {
-    Position.IN_PLACE: (Position.AFTER, Position.BEFORE),
-    Position.SLOT: (Position.AFTER, Position.BEFORE),
-    Position.AFTER: (Position.IN_PLACE, Position.SLOT),
-    Position.BEFORE: (Position.IN_PLACE, Position.SLOT),
-}
+
+
+def _clash(a: Position, b: Position) -> bool:
+    """Whether two edits of one module at positions ``a`` and ``b`` cannot both be made."""
+    return a == b or a.inserts != b.inserts
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,9 @@ def _claim(owner: dict[tuple[str, Position], int], target: Target, model_name: s
     slot filled) once, or gets ECA after and/or before it; RecipeError for a second change."""
     path = target.path
     clash = next(
-        (owner[(path, p)] for p in (target.position, *_CLASHES[target.position]) if (path, p) in owner),
+        # the same place twice, or a module changed in place (replaced, slot filled) also getting
+        # an ECA beside it, or the reverse
+        (owner[(path, p)] for p in Position if _clash(target.position, p) and (path, p) in owner),
         None,
     )
     if clash is not None:

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
-from .edits import Gate, Position
+from .edits import MAX_KERNEL, Gate, Position
 from .errors import RecipeError
 from .paths import stat_input
 from .recipe_format import (
@@ -80,7 +80,6 @@ MAX_NAME = 200
 MAX_DESCRIPTION = 4000
 GAMMA_RANGE = (0.25, 64.0)
 B_RANGE = (-64.0, 64.0)
-MAX_KERNEL = 1023
 
 
 @dataclass(frozen=True)

@@ -312,7 +312,7 @@ def convert_report(result: Conversion) -> dict[str, Any]:
 
 def leftover_notes(paths: list[Path]) -> list[str]:
     """A line for each temporary of a killed run that was removed."""
-    return [f"Removed {path}, left by an interrupted run." for path in paths]
+    return [f"Removed {str(path)!r}, left by an interrupted run." for path in paths]
 
 
 def convert_notes(result: Conversion) -> list[str]:
@@ -415,7 +415,7 @@ def heal_report(result: HealResult, output: str | Path) -> dict[str, Any]:
         "loss_first": result.losses[0],
         "loss_last": result.losses[-1],
         "images_per_s": result.images_per_s,
-        "settings": asdict(result.settings),
+        "settings": result.settings.to_dict(),
     }
 
 

@@ -80,13 +80,19 @@ class Conversion:
         """Write the converted model as an eca-surgery checkpoint (safetensors, atomically)
         that ``load_patched`` rebuilds: with the model kwargs, source weights, timm-native
         variant and init record of this conversion. Returns the path written."""
-        from .checkpoint import CheckpointRecord, Provenance, write_checkpoint
+        from .checkpoint import save_patched
 
         self._check_weights()
-        record = CheckpointRecord.of(
-            self.plan, self.model_kwargs, Provenance(self.source, self.native, self.init)
+        return save_patched(
+            self.model,
+            path,
+            self.plan,
+            model_kwargs=self.model_kwargs,
+            source=self.source,
+            native=self.native,
+            init=self.init,
+            force=force,
         )
-        return write_checkpoint(self.model, path, record, force)
 
     def save_timm_dir(self, path: str | Path, *, force: bool = False) -> Path:
         """Write a timm / Hugging Face folder (config.json + model.safetensors) that plain
@@ -165,13 +171,6 @@ def source_weights(
     return None, RANDOM_SOURCE
 
 
-def clean_outputs(*paths: str | Path) -> list[Path]:
-    """Remove the temporaries of ``paths`` left by killed runs; return what was removed."""
-    from .outputs import clean_leftovers
-
-    return [left for path in map(Path, paths) for left in clean_leftovers(path.parent, path.name)]
-
-
 @dataclass(frozen=True)
 class _Outputs:
     """Where ``convert`` writes: the checkpoint and/or the timm folder (None: not written)."""
@@ -182,11 +181,11 @@ class _Outputs:
 
     def check(self, size: int | None = None) -> None:
         """Refuse outputs that may not be written (see ``outputs``); ``size``: bytes needed."""
-        from .checkpoint import check_output
         from .native import check_timm_dir
+        from .outputs import check_file_output
 
         if self.output is not None:
-            check_output(self.output, self.force, size)
+            check_file_output(self.output, self.force, size)
         if self.timm_dir is not None:
             check_timm_dir(self.timm_dir, self.force, size)
 
@@ -196,6 +195,8 @@ class _Outputs:
         from .outputs import check_outputs_apart
 
         self.check()
+        from .outputs import clean_outputs
+
         removed = clean_outputs(*(p for p in (self.output, self.timm_dir) if p is not None))
         check_outputs_apart({"output": self.output, "timm folder": self.timm_dir}, inputs)
         return removed
@@ -261,9 +262,7 @@ def convert(
     ``check`` compares the output shape at the default input size on a meta-device twin
     and runs the patched model on a small real input for finite values; ``flops`` counts
     MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
-    ``dry_run`` only makes the plan (and checks a checkpoint's keys).
-
-    ``init`` starts the new kernels from PyTorch's initialisation (``default``, seeded by
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the new kernels from PyTorch's initialisation (``default``, seeded by
     ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
     inserted blocks, the identity (``identity``); the last two run the model on
     ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
@@ -274,8 +273,10 @@ def convert(
     outputs = _Outputs(_path(output), _path(timm_dir), force)
     inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
     leftovers = outputs.check_before_work(inputs) if not dry_run else []
-    settings = dict(seed=seed, init=init, calib_data=calib_data, calib_size=calib_size, strict=strict)
-    job = _prepare(model_name, recipe, model_kwargs, checkpoint, pretrained, dry_run, **settings)
+    job = _prepare(
+        model_name, recipe, model_kwargs, checkpoint, pretrained, dry_run, seed, init, strict,
+        calib_data=calib_data, calib_size=calib_size,
+    )  # fmt: skip
     if timm_dir is not None:
         job.native = check_native(model_name, model_kwargs, copy.deepcopy(job.meta), job.plan)
     if not dry_run:
@@ -299,12 +300,12 @@ def _prepare(
     checkpoint: str | Path | None,
     pretrained: bool,
     dry_run: bool,
-    *,
     seed: int,
     init: Init | str,
+    strict: bool,
+    *,
     calib_data: str | Path | None,
     calib_size: int,
-    strict: bool,
 ) -> _Job:
     """Check the settings, find the source weights, build the model on the meta device
     (once) and make the plan there."""
@@ -420,7 +421,7 @@ def _check(model: nn.Module, twin: nn.Module, expected: list, seed: int) -> dict
     patched model's outputs on a small input are finite."""
     shape = meta_output_shape(twin)
     if shape != expected:
-        raise SurgeryError(SHAPE_CHANGED.format(shape="", expected=expected))
+        raise SurgeryError(SHAPE_CHANGED.format(expected=expected))
     result = forward_check(model, sample_input(model, seed))
     result["output_shape_at_default_size"] = expected
     return result

@@ -484,6 +484,6 @@ def test_make_eca_takes_a_gate_or_its_value():
     assert type(make_eca(64, gate="double_sigmoid").gate) is DoubleSigmoid
     assert type(make_eca(64, gate=Gate.HARD_SIGMOID).gate).__name__.lower() == "hardsigmoid"
     assert type(make_eca(64).gate).__name__ == "Sigmoid"
-    with pytest.raises(ValueError, match="unknown ECA gate 'tanh'; expected one of: sigmoid, hard_sigmoid"):
+    with pytest.raises(ValueError, match="Unknown `gate` 'tanh'; choose one of: sigmoid, hard_sigmoid"):
         make_eca(64, gate="tanh")
     assert torch.equal(DoubleSigmoid()(torch.zeros(3)), torch.ones(3))
