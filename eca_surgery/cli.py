@@ -620,9 +620,9 @@ def recipe_check(
     parsed = _load_recipe(recipe)
     plan = None
     if model is not None:
-        from .surgery import inspect as inspect_model
+        from .surgery import plan_recipe
 
-        plan = inspect_model(model, parsed, **_model_kwargs(features_only, out_indices, model_arg)).plan
+        plan = plan_recipe(model, parsed, **_model_kwargs(features_only, out_indices, model_arg))
     report = recipe_check_report(parsed, plan)
     _show(report, json_out, functools.partial(render_recipe_check, recipe=parsed))
 

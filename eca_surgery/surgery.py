@@ -158,6 +158,14 @@ def inspect(model_name: str, recipe: Recipe | str | Path | None = None, **model_
     return Inspection(model_name, blocks, params, plan, macs_before_after(model, plan))
 
 
+def plan_recipe(model_name: str, recipe: Recipe | str | Path, **model_kwargs: Any) -> Plan:
+    """The plan ``recipe`` gives on ``model_name`` built with ``model_kwargs`` (on the meta
+    device: no weights, nothing run but the probe pass)."""
+    recipe = as_recipe(recipe)
+    check_model_kwargs(model_kwargs, "model kwargs")
+    return make_plan(create_model(model_name, meta=True, **model_kwargs), recipe, model_name)
+
+
 def source_weights(
     model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
 ) -> tuple[Path | None, str]:
