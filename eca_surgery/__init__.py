@@ -32,6 +32,7 @@ _LAZY = {
     "count_params": "plan",
     "apply_plan": "apply",
     "find_se_blocks": "detect",
+    "register_se": "detect",
     "find_native": "native",
     "make_eca": "eca",
     "eca_kernel_size": "eca",
@@ -80,6 +81,7 @@ __all__ = [
     "count_params",
     "apply_plan",
     "find_se_blocks",
+    "register_se",
     "find_native",
     "make_eca",
     "eca_kernel_size",
@@ -121,7 +123,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         save_patched,
     )
     from .choices import Init, Sort, Train
-    from .detect import SEBlock, find_se_blocks
+    from .detect import SEBlock, find_se_blocks, register_se
     from .eca import eca_kernel_size, make_eca
     from .edits import Edit, Gate, Position
     from .errors import CheckpointError, RecipeError, StoppedBySignal, SurgeryError

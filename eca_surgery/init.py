@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detect import find_adapter, find_se_blocks
+from .errors import SurgeryError
 from .plan import GATE_NAMES, Edit, Plan
 
 INITS = ("default", "fit-se", "identity")
@@ -107,6 +108,20 @@ def inserted(plan: Plan) -> list[Edit]:
     return [e for e in plan.edits if e.position in INSERTED]
 
 
+def se_gate(se: nn.Module, path: str) -> nn.Module:
+    """The gate module of the SE block ``se`` at ``path``, whose input ``fit-se`` fits to."""
+    adapter = find_adapter(se)
+    gate = adapter.gate_module(se) if adapter is not None else None
+    if gate is None:
+        raise SurgeryError(
+            f"`init='fit-se'` needs the gate module of the SE block at {path!r} "
+            f"({type(se).__name__}), and none is known. Register its class with its gate: "
+            f'eca_surgery.register_se({type(se).__name__}, channels=..., gate="<gate attribute>"), '
+            "or use `init='default'`."
+        )
+    return gate
+
+
 @torch.no_grad()
 def record_se(
     model: nn.Module, edits: list[Edit], batches: list[torch.Tensor]
@@ -124,21 +139,29 @@ def record_se(
     def on_input(path, module, args):
         pooled[path] = args[0].double().mean((2, 3))
 
-    def on_gate(path, gate, same, args, output):
-        problems[path].add(pooled.pop(path), args[0] if same else inverse_gate(gate, output.double()))
+    def on_gate_input(path, args):  # before the gate runs: an in-place gate overwrites its input
+        problems[path].add(pooled.pop(path), args[0])
+
+    def on_gate_output(path, gate, output):
+        problems[path].add(pooled.pop(path), inverse_gate(gate, output.double()))
 
     for edit in edits:
         se = model.get_submodule(edit.path)
-        gate_module = getattr(se, find_adapter(se).gate_attr)
+        gate_module = se_gate(se, edit.path)
         problems[edit.path] = NormalEquations(edit.kernel_size)
         same = edit.gate == GATE_NAMES.get(type(gate_module).__name__)
         targets[edit.path] = "pre-gate output" if same else f"{edit.gate} inverse of the SE gate's output"
         handles.append(se.register_forward_pre_hook(lambda m, a, p=edit.path: on_input(p, m, a)))
-        handles.append(
-            gate_module.register_forward_hook(
-                lambda m, a, o, p=edit.path, g=edit.gate, s=same: on_gate(p, g, s, a, o)
+        if same:
+            handles.append(
+                gate_module.register_forward_pre_hook(lambda m, a, p=edit.path: on_gate_input(p, a))
             )
-        )
+        else:
+            handles.append(
+                gate_module.register_forward_hook(
+                    lambda m, a, o, p=edit.path, g=edit.gate: on_gate_output(p, g, o)
+                )
+            )
     try:
         outputs = run(model, batches)
     finally:

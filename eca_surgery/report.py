@@ -105,6 +105,26 @@ def render_se_blocks(console: Console, model: str, blocks: list[dict[str, Any]])
     console.print(table)
 
 
+def render_unknown_se(console: Console, unknown: list[str]) -> None:
+    """The modules that look like SE blocks but are not known, with how to register their class."""
+    from rich.markup import escape
+
+    from .detect import register_call
+
+    if not unknown:
+        return
+    console.print(f"{len(unknown)} module(s) look like SE blocks but their class is not known (left alone):")
+    for entry in unknown[:10]:
+        console.print(f"  {escape(entry)}")
+    if len(unknown) > 10:
+        console.print(f"  ... ({len(unknown) - 10} more)")
+    cls = unknown[0].rsplit("(", 1)[-1].rstrip(")").rsplit(".", 1)[-1]
+    console.print(
+        "To convert them, register their class once (in Python), e.g. "
+        f"{escape(register_call(cls))}: `channels` names the squeeze layer, `gate` the gate module."
+    )
+
+
 def render_plan(console: Console, report: dict[str, Any]) -> None:
     """Print the edits table of a ``plan_to_dict`` report."""
     from rich.table import Table
@@ -279,11 +299,13 @@ def inspect_report(result: Inspection) -> dict[str, Any]:
         report = {**totals_to_dict(result.model_name, result.params, None), "edits": []}
     report.update(result.macs)
     report["se_blocks"] = se_blocks_to_dict(result.se_blocks)
+    report["unknown_se_like"] = list(result.unknown_se_like)
     return report
 
 
 def render_inspect(console: Console, report: dict[str, Any]) -> None:
     render_se_blocks(console, report["model"], report["se_blocks"])
+    render_unknown_se(console, report.get("unknown_se_like", []))
     if "recipe" in report:  # made with a recipe
         render_plan(console, report)
     render_totals(console, report)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .detect import SEBlock, find_se_blocks, qualified_name
+from .detect import SEBlock, find_se_blocks, qualified_name, register_call, register_hint, unknown_se_modules
 from .edits import Position
 from .errors import RecipeError
 from .locate import (
@@ -252,14 +252,31 @@ def _se_hint(view: ModelView) -> str:
             f"{first_path}, class {first_cls}), so there is no SE block left to replace; it may be "
             "converted already, or be one of timm's ECA models."
         )
+    unknown = unknown_se_modules(view.model)
+    if unknown:
+        listing = ", ".join(f"{p} ({type(m).__name__})" for p, m in unknown[:5])
+        return (
+            f" Modules that look like SE blocks but whose class is not known: {listing}. Register "
+            f"the class once and every command knows it: {register_hint(unknown[0][1])}."
+        )
     attn_like = [
-        f"{p} ({type(m).__name__})"
+        (p, m)
         for p, m in view.modules.items()
         if p.rsplit(".", 1)[-1] in ATTN_SLOTS and not isinstance(m, nn.Identity)
     ]
     if attn_like:
-        return f" Attention modules that are not known SE blocks: {', '.join(attn_like[:5])}."
+        listing = ", ".join(f"{p} ({type(m).__name__})" for p, m in attn_like[:5])
+        return (
+            f" Attention modules that are not known SE blocks: {listing}. If one is an SE block, "
+            f"register its class: {_register_example(attn_like)}."
+        )
     return f" {view.name} has no SE blocks; pick a model with SE blocks (e.g. seresnet50, efficientnet_b0)."
+
+
+def _register_example(modules: list[tuple[str, nn.Module]]) -> str:
+    """The ``register_se`` call for the first module whose class is not a torch.nn layer."""
+    own = [m for _, m in modules if not type(m).__module__.startswith("torch.nn")]
+    return register_hint(own[0]) if own else register_call("MySE")
 
 
 def _is_eca(module: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from .apply import apply_plan
 from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
 from .choices import Init, choice
 from .data import calibration_batches, image_files
-from .detect import SEBlock, find_se_blocks
+from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .errors import SurgeryError
 from .flops import count_macs_or_reason
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
@@ -48,6 +48,7 @@ class Inspection:
     params: int
     plan: Plan | None
     macs: dict[str, Any]
+    unknown_se_like: list[str] = field(default_factory=list)  # 'PATH (CLASS)', see register_se
 
 
 @dataclass
@@ -155,7 +156,8 @@ def inspect(model_name: str, recipe: Recipe | str | Path | None = None, **model_
     plan = make_plan(model, recipe, model_name) if recipe is not None else None
     blocks = find_se_blocks(model)
     params = count_params(model)
-    return Inspection(model_name, blocks, params, plan, macs_before_after(model, plan))
+    macs = macs_before_after(model, plan)
+    return Inspection(model_name, blocks, params, plan, macs, find_unknown_se_like(model))
 
 
 def plan_recipe(model_name: str, recipe: Recipe | str | Path, **model_kwargs: Any) -> Plan:
