@@ -151,7 +151,7 @@ def find_adapter(module: nn.Module) -> SEAdapter | None:
 
 
 def register_se(cls: type[nn.Module], *, channels: ChannelsSpec, gate: GateSpec = None) -> None:
-    """Teach every command and API function an SE class of your own: ``find_se_blocks``,
+    """Teach every API function (in this process) an SE class of your own: ``find_se_blocks``,
     the planner (``se: true``, ``gate: keep``), ``scan`` and ``init='fit-se'`` then know it.
 
     ``channels`` is the name of the block's squeeze layer (a child whose weight is ``(r, C,

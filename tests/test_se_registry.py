@@ -3,6 +3,9 @@ taught with ``register_se``, and unknown SE-like modules reported with a registe
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -284,3 +287,18 @@ def test_register_se_checks_its_arguments(args, kwargs, error, match):
 
 def test_register_se_is_public():
     assert eca_surgery.register_se is register_se and "register_se" in eca_surgery.__all__
+
+
+def test_the_readme_example_runs():
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## SE blocks beyond timm", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    scope: dict = {}
+    try:
+        exec(compile(block, "README.md (SE blocks beyond timm)", "exec"), scope)
+    finally:
+        if "MySE" in scope:
+            unregister_se(scope["MySE"])
+    assert "# 8 5483032 3970786" in block
+    assert (len(scope["plan"].edits), scope["plan"].params_after) == (8, 3_970_786)
+    assert find_se_blocks(scope["net"]) == [] and scope["net"](torch.randn(1, 3, 8, 8)).shape == (1, 32, 6, 6)
