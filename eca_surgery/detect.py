@@ -20,11 +20,11 @@ like SE by structure but are unknown are reported by ``find_unknown_se_like``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import reduce
 
 from torch import nn
 
@@ -79,7 +79,7 @@ class SEAdapter:
         if callable(self.gate_from):
             gate = self.gate_from(module)
         else:
-            gate = reduce(lambda m, name: getattr(m, name, None), self.gate_from.split("."), module)
+            gate = functools.reduce(lambda m, name: getattr(m, name, None), self.gate_from.split("."), module)
         return gate if isinstance(gate, nn.Module) else None
 
     def gate(self, module: nn.Module) -> type[nn.Module] | None:
