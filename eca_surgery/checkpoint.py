@@ -30,12 +30,15 @@ from .edits import Edit
 from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
+    MODULE_PREFIX,
     check_has_data,
     check_matches,
     check_model_kwargs,
     create_model,
+    has_only_persistent_state,
     load_into,
     loadable,
+    meta_copy,
 )
 from .outputs import atomic_write_file
 from .plan import Plan, make_plan
@@ -51,6 +54,18 @@ READABLE_VERSIONS = ("1", "2")
 MAX_EDITS = 10_000  # far more than any timm model has places for ECA
 MAX_DIGITS = 15  # of a parameter count
 MAX_SOURCE = 4096
+# a class's qualified name as a "module:" file records it: only ever compared, never imported
+CLASS_NAME = re.compile(r"[A-Za-z_][\w]*(\.(<locals>|[A-Za-z_]\w*))*", re.ASCII)
+MAX_CLASS_NAME = 300
+
+
+class ModuleNeeded(CheckpointError):
+    """A checkpoint of a model converted from a module object (``class_name``), opened
+    without ``model=``."""
+
+    def __init__(self, message: str, class_name: str) -> None:
+        super().__init__(message)
+        self.class_name = class_name
 
 
 @dataclass(frozen=True)
@@ -135,10 +150,21 @@ class CheckpointRecord:
 
     @classmethod
     def of(
-        cls, plan: Plan, model_kwargs: dict[str, Any], provenance: Provenance | None = None
+        cls,
+        plan: Plan,
+        model_kwargs: dict[str, Any],
+        provenance: Provenance | None = None,
+        by_name: bool = True,
     ) -> CheckpointRecord:
-        """The record of a model converted by ``plan`` (``write_checkpoint`` stamps the versions)."""
-        return cls(plan.model, dict(model_kwargs), plan, provenance or Provenance())
+        """The record of a model converted by ``plan`` (``write_checkpoint`` stamps the versions);
+        not ``by_name``: converted from a module object, recorded as ``module:`` and its class."""
+        name = plan.model if by_name else MODULE_PREFIX + plan.model
+        return cls(name, dict(model_kwargs), plan, provenance or Provenance())
+
+    @property
+    def by_name(self) -> bool:
+        """Whether the model is rebuilt by its timm name (else it needs a fresh build passed in)."""
+        return not self.model.startswith(MODULE_PREFIX)
 
     def to_metadata(self) -> dict[str, str]:
         """The record as format-2 safetensors metadata (all strings): the one place it is written."""
@@ -169,7 +195,7 @@ class CheckpointRecord:
             provenance = Provenance.from_metadata(metadata, strict=False)
             return cls(name, kwargs, plan, provenance, Versions.from_metadata(metadata), _recorded(metadata))
         try:
-            plan = _stored_plan(metadata, name, recipe)
+            plan = _stored_plan(metadata, name.removeprefix(MODULE_PREFIX), recipe)
             provenance = Provenance.from_metadata(metadata)
         except (KeyError, TypeError, ValueError) as exc:
             raise _damaged(path, exc) from None
@@ -259,17 +285,28 @@ def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise _damaged(path, exc) from None
-    if not isinstance(name, str) or not name or ":" in name:
-        raise CheckpointError(
-            f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
-            "name; re-export it."
-        )
+    _check_name(name, metadata["format_version"], path)
     check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError)
     if not isinstance(recipe, dict):
         raise CheckpointError(
             f"{str(path)!r} has damaged eca-surgery metadata (its recipe is not an object); re-export it."
         )
     return name, kwargs, recipe_from_dict(recipe, source=f"{path} metadata")
+
+
+def _check_name(name: Any, version: str, path: str | Path) -> None:
+    """Refuse a recorded model that is neither a timm name nor (format 2) ``module:`` and a
+    class's qualified name. Nothing here is ever imported: a class name is only compared."""
+    if isinstance(name, str) and name.startswith(MODULE_PREFIX) and version != "1":
+        qualified = name.removeprefix(MODULE_PREFIX)
+        if len(qualified) <= MAX_CLASS_NAME and CLASS_NAME.fullmatch(qualified):
+            return
+    elif isinstance(name, str) and name and ":" not in name:
+        return
+    raise CheckpointError(
+        f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
+        "name; re-export it."
+    )
 
 
 def _stored_plan(metadata: dict[str, str], name: str, recipe: Recipe) -> Plan:
@@ -337,42 +374,86 @@ def _recorded(metadata: dict[str, str]) -> int | None:
         return None
 
 
-def rebuild(record: CheckpointRecord, what: str, meta: bool = False) -> nn.Module:
-    """``record``'s model built with its kwargs and patched by its edits, without planning:
-    on the meta device (``meta``), or ready to be filled by a state_dict (``models.loadable``).
-    A CheckpointError names the first edit that does not fit the model timm builds now."""
+def rebuild(
+    record: CheckpointRecord, what: str, meta: bool = False, model: nn.Module | None = None
+) -> nn.Module:
+    """``record``'s model patched by its edits, without planning: ``model`` (a fresh,
+    unpatched build passed in, patched in place) or else timm's build by name with the
+    recorded kwargs, on the meta device (``meta``) or ready to be filled by a state_dict
+    (``models.loadable``). A CheckpointError names the first edit that does not fit."""
     from .apply import PlanMisfit, apply_plan
 
-    name, kwargs = record.model, record.model_kwargs
-    model = create_model(name, meta=True, **kwargs)
-    if not meta:
-        model = loadable(model, name, **kwargs)
+    built = _built(model is not None)
+    if model is None:
+        model = _build_by_name(record, what, meta)
+    else:
+        check_class(record, model, what)
     try:
         apply_plan(model, record.plan)
     except PlanMisfit as exc:
-        raise _misfit_error(exc.misfit, record, what) from None
+        raise _misfit_error(exc.misfit, record, what, built) from None
     except (SurgeryError, AttributeError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
         raise CheckpointError(
-            f"{what}: its edits cannot be applied to {name} as this timm builds it ({summary(exc)}). "
+            f"{what}: its edits cannot be applied to {record.model} {built} ({summary(exc)}). "
             f"{_refit_hint(record)}"
         ) from None
     return model
 
 
-def _misfit_error(misfit: Misfit, record: CheckpointRecord, what: str) -> CheckpointError:
-    """The error for stored edits that do not fit the rebuilt model: the first misfit, and
-    the timm that wrote the file."""
+def _build_by_name(record: CheckpointRecord, what: str, meta: bool) -> nn.Module:
+    """timm's build of ``record``'s model; a ModuleNeeded error for a model converted from an
+    object, which is never built (nor imported) by name."""
+    name, kwargs = record.model, record.model_kwargs
+    if not record.by_name:
+        cls = name.removeprefix(MODULE_PREFIX)
+        raise ModuleNeeded(
+            f"{what} holds a model converted from a module object ({cls}), which eca-surgery never "
+            "builds or imports by name (a checkpoint names no code to run). Pass a freshly built, "
+            f"unpatched model of that class: load_patched(path, model={cls.rsplit('.', 1)[-1]}()), or "
+            "open_patched(path, model=...); the file's edits patch it and its weights load strictly.",
+            cls,
+        )
+    model = create_model(name, meta=True, **kwargs)
+    return model if meta else loadable(model, name, **kwargs)
+
+
+def check_class(record: CheckpointRecord, model: nn.Module, what: str) -> None:
+    """Refuse a ``model`` passed for a ``module:`` file whose class is not the recorded one."""
+    from .detect import qualified_name
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, not {type(model).__name__}")
+    recorded, passed = record.model.removeprefix(MODULE_PREFIX), qualified_name(type(model))
+    if not record.by_name and passed != recorded:
+        raise CheckpointError(
+            f"{what} holds a {recorded} but `model` is a {passed}. Pass a freshly built, unpatched "
+            f"{recorded.rsplit('.', 1)[-1]}."
+        )
+
+
+def _built(given: bool) -> str:
+    """How the model the edits are applied to was made (``given``: passed in), for messages."""
     import timm
 
+    return "as passed in `model`" if given else f"as this timm ({timm.__version__}) builds it"
+
+
+def _misfit_error(misfit: Misfit, record: CheckpointRecord, what: str, built: str) -> CheckpointError:
+    """The error for stored edits that do not fit the rebuilt model: the first misfit, and
+    the timm that wrote the file."""
     edit = misfit.edit
     return CheckpointError(
-        f"{what} holds edits that do not fit {record.model} as this timm ({timm.__version__}) builds "
-        f"it: edit {misfit.index} ({edit.position.value} at {edit.path[:200]!r}): {misfit.reason}. "
-        f"{_refit_hint(record)}"
+        f"{what} holds edits that do not fit {record.model} {built}: edit {misfit.index} "
+        f"({edit.position.value} at {edit.path[:200]!r}): {misfit.reason}. {_refit_hint(record)}"
     )
 
 
 def _refit_hint(record: CheckpointRecord) -> str:
+    if not record.by_name:
+        return (
+            "Pass a freshly built, unpatched model of the class the file was saved from, with the "
+            "architecture settings it was saved with."
+        )
     return (
         f"The file was written with timm {record.versions.timm or '(unknown)'}: load it with that timm, or "
         "re-export it from the source weights with this one."
@@ -385,16 +466,20 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def write_checkpoint(
-    model: nn.Module, path: str | Path, record: CheckpointRecord, force: bool = False
+    model: nn.Module,
+    path: str | Path,
+    record: CheckpointRecord,
+    force: bool = False,
+    original: nn.Module | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions) as
     metadata to ``path`` atomically, after checking that the metadata rebuilds exactly these
-    tensors."""
+    tensors (from ``original``, the unpatched module, for a ``module:`` record)."""
     state_dict = model.state_dict()
     check_has_data(state_dict, "The model to save")
     tensors = _unshared(state_dict)
     record = replace(record, versions=Versions.current())
-    check_rebuildable(tensors, record)
+    check_rebuildable(tensors, record, original)
     metadata = record.to_metadata()
     return atomic_write_file(
         path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
@@ -412,33 +497,44 @@ def save_patched(
     init: dict[str, Any] | None = None,
     heal: dict[str, Any] | None = None,
     force: bool = False,
+    original: nn.Module | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
+
+    For a model converted from a module object, pass ``original``, the unpatched module
+    (``Conversion.original``; any device, meta included): the file is then marked as not
+    buildable by name and reloads with ``load_patched(path, model=...)``.
 
     The file is written to a temporary name beside ``path``, fsynced and renamed into
     place (see ``eca_surgery.outputs``), so an interrupted or failed write never leaves a
     partial checkpoint and never damages the old one; a replaced file keeps its mode.
     """
     provenance = Provenance(source, native, init or Provenance().init, heal)
-    return write_checkpoint(model, path, CheckpointRecord.of(plan, model_kwargs or {}, provenance), force)
+    record = CheckpointRecord.of(plan, model_kwargs or {}, provenance, by_name=original is None)
+    return write_checkpoint(model, path, record, force, original)
 
 
-def check_rebuildable(tensors: dict[str, torch.Tensor], record: CheckpointRecord) -> None:
+def check_rebuildable(
+    tensors: dict[str, torch.Tensor], record: CheckpointRecord, original: nn.Module | None = None
+) -> None:
     """Refuse, before anything is written, to save ``tensors`` with metadata that would not
     rebuild them: ``record`` written as metadata and read back, its model built with its
-    kwargs and patched by its edits, must have exactly these keys and shapes, as
+    kwargs (or, for a ``module:`` record, a meta-device copy of ``original``, the unpatched
+    module) and patched by its edits, must have exactly these keys and shapes, as
     ``load_patched`` will require."""
     check_model_kwargs(record.model_kwargs, "model_kwargs", CheckpointError)
     what = "The model to save"
     try:
         stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")
-        rebuilt = rebuild(stored, what, meta=True)
+        fresh = meta_copy(original) if original is not None and not stored.by_name else None
+        rebuilt = rebuild(stored, what, meta=True, model=fresh)
         check_matches(rebuilt, tensors, what, f"{record.model} patched by its edits")
-    except CheckpointError as exc:
+    except SurgeryError as exc:  # a CheckpointError, or timm's unknown model name
         raise CheckpointError(
             f"{exc} Nothing was written: the file could not be loaded again. Save the model together "
             "with the plan it was converted by and the model kwargs it was built with (e.g. "
-            "save_patched(result.model, path, result.plan, model_kwargs=result.model_kwargs))."
+            "save_patched(result.model, path, result.plan, model_kwargs=result.model_kwargs), adding "
+            "`original=result.original` for a model converted from a module object)."
         ) from None
 
 
@@ -480,21 +576,38 @@ def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def open_patched(path: str | Path) -> Patched:
+def open_patched(path: str | Path, model: nn.Module | None = None) -> Patched:
     """Rebuild the patched model stored in ``path`` and load its weights strictly: the source
     model built on the meta device and patched by the file's edits (format 1: by its recipe,
-    planned again), then filled by assignment."""
+    planned again), then filled by assignment.
+
+    ``model``, a freshly built, unpatched model (any ``nn.Module``, a timm one included), is
+    patched in place by the file's edits instead and filled by assignment where it is on the
+    meta device, else by copy. A file saved from a module object (recorded as ``module:`` and
+    its class) needs it, of the recorded class: nothing a file records is ever imported."""
     tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
     record = CheckpointRecord.from_metadata(metadata, path)
     what = f"Checkpoint {str(path)!r}"
     check_tensors(tensors, what)
-    model = rebuild(record, what)
+    if model is not None and model_on_meta(model) and not has_only_persistent_state(model):
+        raise CheckpointError(
+            f"{what}: the `model` passed is on the meta device but has buffers a state_dict does not hold "
+            "(non-persistent), which would stay empty. Build it on a real device (e.g. the CPU)."
+        )
+    model = rebuild(record, what, model=model)
     check_matches(model, tensors, what, f"{record.model} patched by its edits")
     load_into(model, tensors)
     model.eval()
     return Patched(model, record, metadata)
 
 
-def load_patched(path: str | Path) -> nn.Module:
-    """The patched model stored in ``path``, weights loaded strictly, in eval mode."""
-    return open_patched(path).model
+def model_on_meta(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` is on the meta device."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def load_patched(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The patched model stored in ``path``, weights loaded strictly, in eval mode; ``model``
+    (a freshly built, unpatched model, needed for a file saved from a module object) is
+    patched and filled in place, see :func:`open_patched`."""
+    return open_patched(path, model).model

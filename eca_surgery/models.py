@@ -1,11 +1,15 @@
-"""Building timm models and loading source weights into them."""
+"""Building source models (timm models by name, or copies of a module object) and loading
+source weights into them."""
 
 from __future__ import annotations
 
+import copy
 import difflib
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +43,67 @@ def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
         raise SurgeryError(
             f"timm could not build {name!r} with {kwargs}: {summary(exc, 300)}.{_feature_hint(name, kwargs)}"
         ) from None
+
+
+MODULE_PREFIX = "module:"  # a checkpoint's model built from an object: never rebuilt by name
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are empty tensors on the meta
+    device: the architecture without copying (or allocating) a single weight."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a source model comes from: a timm ``name`` built with ``kwargs``, or a module
+    object (``module``), which is copied and never changed; ``name`` is then its class's
+    qualified name (e.g. ``mypkg.nets.TinyNet``)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None
+
+    @classmethod
+    def of(cls, model: str | nn.Module, kwargs: dict[str, Any]) -> Source:
+        """The source of ``model`` (a timm name or an ``nn.Module``); refuses model kwargs
+        for an object (they are for building a model by name)."""
+        from .detect import qualified_name
+
+        if isinstance(model, nn.Module):
+            if kwargs:
+                raise SurgeryError(
+                    f"Model kwargs ({', '.join(map(str, kwargs))}) build a model by its timm name, but a "
+                    f"model object ({qualified_name(type(model))}) was passed: build it as you need it and "
+                    "pass it without kwargs."
+                )
+            return cls(qualified_name(type(model)), {}, model)
+        if not isinstance(model, str):
+            raise TypeError(
+                f"model must be a timm model name or a torch.nn.Module, not {type(model).__name__}"
+            )
+        return cls(model, check_model_kwargs(kwargs, "model kwargs"))
+
+    @property
+    def by_name(self) -> bool:
+        """Whether the model is built by its timm name (else it is a copy of an object)."""
+        return self.module is None
+
+    @property
+    def record_name(self) -> str:
+        """The model as a checkpoint records it: the timm name, or ``module:`` and the class."""
+        return self.name if self.by_name else MODULE_PREFIX + self.name
+
+    def build(self, meta: bool = False) -> nn.Module:
+        """A fresh build: timm's random init (or a deep copy of the object); on the meta
+        device with ``meta`` (nothing allocated)."""
+        if self.module is None:
+            return create_model(self.name, meta=meta, **self.kwargs)
+        return meta_copy(self.module) if meta else copy.deepcopy(self.module)
 
 
 def _feature_hint(name: str, kwargs: Mapping[str, Any]) -> str:
@@ -323,10 +388,15 @@ def has_only_persistent_state(model: nn.Module) -> bool:
     return not any(m._non_persistent_buffers_set for m in model.modules())
 
 
-def loadable(meta_model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
+def loadable(
+    meta_model: nn.Module, name: str, build: Callable[[], nn.Module] | None = None, **kwargs: Any
+) -> nn.Module:
     """``meta_model`` if a state_dict can fill all of it by assignment, else a real build of
-    ``name`` (non-persistent buffers are not in a state_dict and must be initialised)."""
-    return meta_model if has_only_persistent_state(meta_model) else create_model(name, **kwargs)
+    ``name`` (or ``build()``): non-persistent buffers are not in a state_dict and must be
+    initialised."""
+    if has_only_persistent_state(meta_model):
+        return meta_model
+    return build() if build is not None else create_model(name, **kwargs)
 
 
 def build_with_weights(
@@ -335,6 +405,7 @@ def build_with_weights(
     what: str,
     strict: bool = True,
     meta_model: nn.Module | None = None,
+    build: Callable[[], nn.Module] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, dict[str, list[str]]]:
     """Build ``name`` and load ``state_dict`` into it.
@@ -344,13 +415,14 @@ def build_with_weights(
     initialised only to be overwritten. Non-strict: the model is initialised, the
     tensors that fit are loaded, and the report lists what was left at initialisation
     (missing) and what was ignored (unexpected or of the wrong shape). ``meta_model``, a
-    fresh meta-device build of ``name``, is used instead of building another.
+    fresh meta-device build of ``name``, is used instead of building another; ``build``
+    makes a real one instead of timm's ``name`` (for a model that is not built by name).
     """
     model = meta_model if meta_model is not None else create_model(name, meta=True, **kwargs)
     if not strict:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         fits = {k: v for k, v in state_dict.items() if expected.get(k) == tuple(v.shape)}
-        model = create_model(name, **kwargs)
+        model = build() if build is not None else create_model(name, **kwargs)
         model.load_state_dict(fits, strict=False)
         report = {
             "missing": [k for k in expected if k not in fits],
@@ -359,7 +431,7 @@ def build_with_weights(
         return model, report
     check_fits(model, shapes_of(state_dict), what, name)
     check_kinds(model, state_dict, what)
-    return load_into(loadable(model, name, **kwargs), state_dict), {"missing": [], "ignored": []}
+    return load_into(loadable(model, name, build, **kwargs), state_dict), {"missing": [], "ignored": []}
 
 
 def _tensors(model: nn.Module):

@@ -21,16 +21,16 @@ from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_inpu
 from .choices import Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
-from .errors import SurgeryError
+from .errors import CheckpointError, SurgeryError
 from .flops import count_macs_or_reason
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
+    Source,
     build_with_weights,
     check_fits,
-    check_model_kwargs,
     check_seed,
-    create_model,
     input_size,
+    meta_copy,
     shapes_of,
 )
 from .native import NOT_NATIVE, check_native, find_native
@@ -39,6 +39,12 @@ from .recipe import Recipe, load_recipe
 from .weights import pretrained_file, read_state_dict
 
 RANDOM_SOURCE = "random init (timm, pretrained=False)"
+OWN_WEIGHTS = "the model object's own weights"
+NOT_BY_NAME = (
+    "`timm_dir` writes a folder that plain timm builds by name, but {model} was passed as a model "
+    "object, which timm cannot build. Save the eca-surgery checkpoint instead (`output`, or "
+    "Conversion.save) and reload it with eca_surgery.load_patched(path, model=...)."
+)
 
 
 @dataclass
@@ -55,7 +61,10 @@ class Inspection:
 class Conversion:
     """A converted model and what was done: the plan, the source weights, the checks, the
     MACs, the timm-native variant (if timm builds it), what a non-strict load left out,
-    how the new kernels started, and the files ``convert`` wrote (if any)."""
+    how the new kernels started, and the files ``convert`` wrote (if any).
+
+    ``original`` is set for a model converted from a module object: an unpatched copy of
+    it on the meta device (no weights), which ``save`` checks the file against."""
 
     model: nn.Module
     plan: Plan
@@ -71,6 +80,7 @@ class Conversion:
     output: Path | None = None
     timm_dir: Path | None = None
     leftovers: list[Path] = field(default_factory=list)
+    original: nn.Module | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> str:
@@ -93,6 +103,7 @@ class Conversion:
             native=self.native,
             init=self.init,
             force=force,
+            original=self.original,
         )
 
     def save_timm_dir(self, path: str | Path, *, force: bool = False) -> Path:
@@ -102,6 +113,8 @@ class Conversion:
         from .native import save_timm_dir
 
         self._check_weights()
+        if self.original is not None:
+            raise SurgeryError(NOT_BY_NAME.format(model=self.plan.model))
         if self.native is None:
             raise SurgeryError(NOT_NATIVE.format(model=self.plan.model))
         return save_timm_dir(self.native, self.model.state_dict(), path, force)
@@ -147,38 +160,48 @@ def as_recipe(recipe: Recipe | str | Path) -> Recipe:
     )
 
 
-def inspect(model_name: str, recipe: Recipe | str | Path | None = None, **model_kwargs: Any) -> Inspection:
-    """The SE blocks of a model and, with a recipe (a Recipe, a file or a bundled name), the
-    plan and MACs; allocates no weights."""
+def inspect(
+    model: str | nn.Module, recipe: Recipe | str | Path | None = None, **model_kwargs: Any
+) -> Inspection:
+    """The SE blocks of a model (a timm name built with ``model_kwargs``, or an ``nn.Module``,
+    which is not changed) and, with a recipe (a Recipe, a file or a bundled name), the plan
+    and MACs; allocates no weights. An object's name is its class's qualified name."""
     recipe = as_recipe(recipe) if recipe is not None else None
-    check_model_kwargs(model_kwargs, "model kwargs")
-    model = create_model(model_name, meta=True, **model_kwargs)
-    plan = make_plan(model, recipe, model_name) if recipe is not None else None
-    blocks = find_se_blocks(model)
-    params = count_params(model)
-    macs = macs_before_after(model, plan)
-    return Inspection(model_name, blocks, params, plan, macs, find_unknown_se_like(model))
+    source = Source.of(model, model_kwargs)
+    meta = source.build(meta=True)
+    plan = make_plan(meta, recipe, source.name) if recipe is not None else None
+    blocks = find_se_blocks(meta)
+    params = count_params(meta)
+    unknown = find_unknown_se_like(meta)
+    macs = macs_before_after(meta, plan)
+    return Inspection(source.name, blocks, params, plan, macs, unknown)
 
 
-def plan_recipe(model_name: str, recipe: Recipe | str | Path, **model_kwargs: Any) -> Plan:
-    """The plan ``recipe`` gives on ``model_name`` built with ``model_kwargs`` (on the meta
-    device: no weights, nothing run but the probe pass)."""
+def plan_recipe(model: str | nn.Module, recipe: Recipe | str | Path, **model_kwargs: Any) -> Plan:
+    """The plan ``recipe`` gives on ``model`` (a timm name built with ``model_kwargs``, or an
+    ``nn.Module``) on the meta device: no weights, nothing run but the probe pass."""
     recipe = as_recipe(recipe)
-    check_model_kwargs(model_kwargs, "model kwargs")
-    return make_plan(create_model(model_name, meta=True, **model_kwargs), recipe, model_name)
+    source = Source.of(model, model_kwargs)
+    return make_plan(source.build(meta=True), recipe, source.name)
 
 
 def source_weights(
-    model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
+    model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False, by_name: bool = True
 ) -> tuple[Path | None, str]:
-    """The file the source weights come from (None: random init) and a description of it."""
+    """The file the source weights come from (None: random init, or an object's own weights
+    where the model is not ``by_name``) and a description of it."""
     if checkpoint is not None and pretrained:
         raise SurgeryError("Pass either `checkpoint` (a file) or `pretrained`, not both.")
+    if pretrained and not by_name:
+        raise SurgeryError(
+            f"`pretrained` reads timm's cached weights for a model named by timm, but {model_name} was "
+            "passed as a model object: load its weights into it first, or pass them as `checkpoint`."
+        )
     if pretrained:
         return pretrained_file(model_name)
     if checkpoint is not None:
         return Path(checkpoint), str(checkpoint)
-    return None, RANDOM_SOURCE
+    return None, RANDOM_SOURCE if by_name else OWN_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -223,8 +246,7 @@ class _Job:
     """A conversion prepared before any weights are read: the checked settings, the source
     weights, the meta-device build and the plan made on it."""
 
-    model_name: str
-    model_kwargs: dict[str, Any]
+    origin: Source
     init: Init
     seed: int
     strict: bool
@@ -237,9 +259,17 @@ class _Job:
     plan: Plan
     native: dict[str, Any] | None = None
 
+    @property
+    def model_name(self) -> str:
+        return self.origin.name
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return self.origin.kwargs
+
 
 def convert(
-    model_name: str,
+    model: str | nn.Module,
     recipe: Recipe | str | Path,
     *,
     checkpoint: str | Path | None = None,
@@ -261,6 +291,8 @@ def convert(
     """Load the source model, plan the recipe, apply it, check a forward pass, and write
     ``output`` (an eca-surgery checkpoint) and/or ``timm_dir`` (a folder plain timm loads).
 
+    ``model``: a timm name (built with ``model_kwargs``) or any ``nn.Module``, never changed: a
+    deep copy is patched (no kwargs, ``pretrained``, ``timm_dir``; see ``load_patched(model=)``).
     Source weights: ``checkpoint`` (safetensors, or a state_dict read with
     ``weights_only=True``; assigned to a meta-device build, nothing initialised twice),
     timm's cached ``pretrained`` weights, or else timm's random initialisation;
@@ -272,23 +304,22 @@ def convert(
     ``check`` compares the output shape at the default input size on a meta-device twin
     and runs the patched model on a small real input for finite values; ``flops`` counts
     MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
-    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the new kernels from PyTorch's initialisation (``default``, seeded by
-    ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the
+    new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
     inserted blocks, the identity (``identity``); the last two run the model on
     ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
     ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
     """
-    check_model_kwargs(model_kwargs, "model kwargs")
+    source = _source(model, model_kwargs, timm_dir)
     recipe = as_recipe(recipe)
     outputs = _Outputs(_path(output), _path(timm_dir), force)
     inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
     leftovers = outputs.check_before_work(inputs) if not dry_run else []
     job = _prepare(
-        model_name, recipe, model_kwargs, checkpoint, pretrained, dry_run, seed, init, strict,
-        calib_data=calib_data, calib_size=calib_size,
-    )  # fmt: skip
+        source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size
+    )
     if timm_dir is not None:
-        job.native = check_native(model_name, model_kwargs, copy.deepcopy(job.meta), job.plan)
+        job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
     if not dry_run:
         outputs.check(size=2 * job.plan.params_after)  # a lower bound: 2 bytes a parameter
     _check_calibration_channels(job)
@@ -299,21 +330,27 @@ def convert(
     return result
 
 
+def _source(model: str | nn.Module, model_kwargs: dict[str, Any], timm_dir: str | Path | None) -> Source:
+    """The source of ``model``; a model object refuses ``timm_dir`` (timm cannot build it)."""
+    source = Source.of(model, model_kwargs)
+    if timm_dir is not None and not source.by_name:
+        raise SurgeryError(NOT_BY_NAME.format(model=source.name))
+    return source
+
+
 def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
 def _prepare(
-    model_name: str,
+    source: Source,
     recipe: Recipe,
-    model_kwargs: dict[str, Any],
     checkpoint: str | Path | None,
     pretrained: bool,
     dry_run: bool,
     seed: int,
     init: Init | str,
     strict: bool,
-    *,
     calib_data: str | Path | None,
     calib_size: int,
 ) -> _Job:
@@ -330,13 +367,11 @@ def _prepare(
     if init is Init.IDENTITY:
         recipe = recipe.with_insert_gate("double_sigmoid")
     files = image_files(calib_data) if calib_data is not None and not dry_run else None
-    path, source = source_weights(model_name, checkpoint, pretrained)
-    meta = create_model(model_name, meta=True, **model_kwargs).eval()
-    plan = make_plan(meta, recipe, model_name)
+    path, described = source_weights(source.name, checkpoint, pretrained, source.by_name)
+    meta = source.build(meta=True).eval()
+    plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
-    return _Job(
-        model_name, model_kwargs, init, seed, strict, path, source, calib_data, calib_size, files, meta, plan
-    )
+    return _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
 
 
 def _check_init(init: Init, meta: nn.Module, plan: Plan) -> None:
@@ -366,13 +401,24 @@ def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
     """A dry run: a checkpoint's keys checked against the meta build, MACs counted on it."""
     if job.path is not None and job.strict:
         check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.model_name)
-    macs = macs_before_after(job.meta, job.plan, count=flops)
-    native = job.native
-    if timm_native and native is None:
-        native = find_native(job.model_name, job.model_kwargs, job.meta, job.plan)
+    macs = macs_before_after(job.meta, job.plan, count=flops)  # leaves ``job.meta`` patched
+    native = _native(job, job.meta, timm_native)
     return Conversion(
-        job.meta, job.plan, job.model_kwargs, job.source, None, macs, native, dry_run=True, strict=job.strict
-    )
+        job.meta, job.plan, job.model_kwargs, job.source, None, macs, native, dry_run=True, strict=job.strict,
+        original=_original(job),
+    )  # fmt: skip
+
+
+def _native(job: _Job, model: nn.Module, timm_native: bool) -> dict[str, Any] | None:
+    """The timm-native variant (found already with ``timm_dir``); None for a model object."""
+    if job.native is not None or not timm_native or not job.origin.by_name:
+        return job.native
+    return find_native(job.model_name, job.model_kwargs, model, job.plan)
+
+
+def _original(job: _Job) -> nn.Module | None:
+    """For a model object, an unpatched copy of it on the meta device (see ``Conversion``)."""
+    return None if job.origin.module is None else meta_copy(job.origin.module)
 
 
 def _what(job: _Job) -> str:
@@ -383,6 +429,7 @@ def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversi
     """Load the weights, apply the plan with the chosen init, and check the result on a
     meta-device twin of the original (for shapes and MACs) and on a small real input."""
     expected = meta_output_shape(job.meta) if check else None  # before any work: can the model run?
+    original = _original(job)
     twin = copy.deepcopy(job.meta) if check or flops else None  # before the weights consume the build
     model, loaded = _load_weights(job)
     init_report = _start_kernels(model, job)
@@ -391,12 +438,10 @@ def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversi
         macs = macs_before_after(twin, job.plan, count=flops)  # leaves ``twin`` patched
         if check:
             result = _check(model, twin, expected, job.seed)
-    native = job.native
-    if timm_native and native is None:  # found already with ``timm_dir``
-        native = find_native(job.model_name, job.model_kwargs, model, job.plan)
+    native = _native(job, model, timm_native)
     return Conversion(
         model, job.plan, job.model_kwargs, job.source, result, macs, native, loaded, init_report,
-        strict=job.strict,
+        strict=job.strict, original=original,
     )  # fmt: skip
 
 
@@ -408,10 +453,11 @@ def _load_weights(job: _Job) -> tuple[nn.Module, dict[str, list[str]]]:
     if job.path is not None:
         state = read_state_dict(job.path)
         model, loaded = build_with_weights(
-            job.model_name, state, _what(job), strict=job.strict, meta_model=job.meta, **job.model_kwargs
-        )
+            job.model_name, state, _what(job), strict=job.strict, meta_model=job.meta,
+            build=None if job.origin.by_name else job.origin.build, **job.model_kwargs,
+        )  # fmt: skip
     else:
-        model = create_model(job.model_name, **job.model_kwargs)
+        model = job.origin.build()
     return model.eval(), loaded
 
 
@@ -454,10 +500,19 @@ def _initialise(model: nn.Module, plan: Plan, init: Init, batches: list[torch.Te
 
 
 def verify(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Rebuild a patched checkpoint from the file alone, load it strictly and run it."""
-    from .checkpoint import open_patched
+    """Rebuild a patched checkpoint from the file alone, load it strictly and run it. A file
+    saved from a module object cannot be rebuilt from the file alone: it is refused."""
+    from .checkpoint import ModuleNeeded, open_patched
 
-    patched = open_patched(path)
+    try:
+        patched = open_patched(path)
+    except ModuleNeeded as exc:
+        raise CheckpointError(
+            f"{str(path)!r} holds a model converted from a module object ({exc.class_name}), "
+            "which verify cannot build from the file alone (nor can the CLI). Verify it through the "
+            "Python API with the model object: eca_surgery.open_patched(path, model=...) with a freshly "
+            "built model of that class."
+        ) from None
     check = forward_check(patched.model, sample_input(patched.model, 0))
     if count_params(patched.model) != patched.record.params_recorded:
         raise SurgeryError(
