@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -266,3 +268,15 @@ def test_a_checkpoint_never_names_code_to_import(saved, tmp_path, monkeypatch, n
         eca_surgery.verify(hostile)
     assert SENTINEL not in sys.modules and "os.system" not in sys.modules
     assert not [t for t in imported if SENTINEL in str(t) or str(t).startswith("os.system")]
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Any PyTorch model through the Python API", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md (any PyTorch model)", "exec"), scope)
+    assert "# torchvision.models.mobilenetv3.MobileNetV3 9" in block
+    assert scope["result"].plan.model == "torchvision.models.mobilenetv3.MobileNetV3"
+    assert_same_tensors(scope["result"].model.state_dict(), scope["model"].state_dict())
