@@ -29,6 +29,7 @@ from .models import (
     build_with_weights,
     check_fits,
     check_seed,
+    create_model,
     input_size,
     meta_copy,
     shapes_of,
@@ -168,7 +169,7 @@ def inspect(
     and MACs; allocates no weights. An object's name is its class's qualified name."""
     recipe = as_recipe(recipe) if recipe is not None else None
     source = Source.of(model, model_kwargs)
-    meta = source.build(meta=True)
+    meta = _build(source, meta=True)
     plan = make_plan(meta, recipe, source.name) if recipe is not None else None
     blocks = find_se_blocks(meta)
     params = count_params(meta)
@@ -177,12 +178,19 @@ def inspect(
     return Inspection(source.name, blocks, params, plan, macs, unknown)
 
 
+def _build(source: Source, meta: bool = False) -> nn.Module:
+    """``source.build``, with timm models built through this module's ``create_model``."""
+    if source.by_name:
+        return create_model(source.name, meta=meta, **source.kwargs)
+    return source.build(meta)
+
+
 def plan_recipe(model: str | nn.Module, recipe: Recipe | str | Path, **model_kwargs: Any) -> Plan:
     """The plan ``recipe`` gives on ``model`` (a timm name built with ``model_kwargs``, or an
     ``nn.Module``) on the meta device: no weights, nothing run but the probe pass."""
     recipe = as_recipe(recipe)
     source = Source.of(model, model_kwargs)
-    return make_plan(source.build(meta=True), recipe, source.name)
+    return make_plan(_build(source, meta=True), recipe, source.name)
 
 
 def source_weights(
@@ -368,7 +376,7 @@ def _prepare(
         recipe = recipe.with_insert_gate("double_sigmoid")
     files = image_files(calib_data) if calib_data is not None and not dry_run else None
     path, described = source_weights(source.name, checkpoint, pretrained, source.by_name)
-    meta = source.build(meta=True).eval()
+    meta = _build(source, meta=True).eval()
     plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
     return _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
@@ -457,7 +465,7 @@ def _load_weights(job: _Job) -> tuple[nn.Module, dict[str, list[str]]]:
             build=None if job.origin.by_name else job.origin.build, **job.model_kwargs,
         )  # fmt: skip
     else:
-        model = job.origin.build()
+        model = _build(job.origin)
     return model.eval(), loaded
 
 
