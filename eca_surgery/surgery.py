@@ -267,14 +267,6 @@ class _Job:
     plan: Plan
     native: dict[str, Any] | None = None
 
-    @property
-    def model_name(self) -> str:
-        return self.origin.name
-
-    @property
-    def model_kwargs(self) -> dict[str, Any]:
-        return self.origin.kwargs
-
 
 def convert(
     model: str | nn.Module,
@@ -400,7 +392,7 @@ def _check_calibration_channels(job: _Job) -> None:
     channels = input_size(job.meta)[0]
     if job.calib_data is not None and channels != 3:
         raise SurgeryError(
-            f"Calibration images are read as RGB, but {job.model_name} is built to take {channels} "
+            f"Calibration images are read as RGB, but {job.origin.name} is built to take {channels} "
             "channel(s) (in_chans); calibrate on seeded noise instead (no `calib_data`)."
         )
 
@@ -408,11 +400,11 @@ def _check_calibration_channels(job: _Job) -> None:
 def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
     """A dry run: a checkpoint's keys checked against the meta build, MACs counted on it."""
     if job.path is not None and job.strict:
-        check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.model_name)
+        check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.origin.name)
     macs = macs_before_after(job.meta, job.plan, count=flops)  # leaves ``job.meta`` patched
     native = _native(job, job.meta, timm_native)
     return Conversion(
-        job.meta, job.plan, job.model_kwargs, job.source, None, macs, native, dry_run=True, strict=job.strict,
+        job.meta, job.plan, job.origin.kwargs, job.source, None, macs, native, dry_run=True, strict=job.strict,
         original=_original(job),
     )  # fmt: skip
 
@@ -421,7 +413,7 @@ def _native(job: _Job, model: nn.Module, timm_native: bool) -> dict[str, Any] | 
     """The timm-native variant (found already with ``timm_dir``); None for a model object."""
     if job.native is not None or not timm_native or not job.origin.by_name:
         return job.native
-    return find_native(job.model_name, job.model_kwargs, model, job.plan)
+    return find_native(job.origin.name, job.origin.kwargs, model, job.plan)
 
 
 def _original(job: _Job) -> nn.Module | None:
@@ -448,7 +440,7 @@ def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversi
             result = _check(model, twin, expected, job.seed)
     native = _native(job, model, timm_native)
     return Conversion(
-        model, job.plan, job.model_kwargs, job.source, result, macs, native, loaded, init_report,
+        model, job.plan, job.origin.kwargs, job.source, result, macs, native, loaded, init_report,
         strict=job.strict, original=original,
     )  # fmt: skip
 
@@ -461,8 +453,8 @@ def _load_weights(job: _Job) -> tuple[nn.Module, dict[str, list[str]]]:
     if job.path is not None:
         state = read_state_dict(job.path)
         model, loaded = build_with_weights(
-            job.model_name, state, _what(job), strict=job.strict, meta_model=job.meta,
-            build=None if job.origin.by_name else job.origin.build, **job.model_kwargs,
+            job.origin.name, state, _what(job), strict=job.strict, meta_model=job.meta,
+            build=None if job.origin.by_name else job.origin.build, **job.origin.kwargs,
         )  # fmt: skip
     else:
         model = _build(job.origin)
