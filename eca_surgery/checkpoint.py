@@ -1,7 +1,7 @@
 """Patched-model checkpoints: safetensors weights plus the record that rebuilds the architecture.
 
 The metadata (all strings, as safetensors requires) is a :class:`CheckpointRecord`: the
-source timm model name and kwargs, the recipe and the edits it resolved to, the
+source model's name (a timm name, ``torchvision:NAME``, or ``module:CLASS``) and kwargs, the recipe and the edits it resolved to, the
 provenance of the weights and the versions that wrote the file. Format 2 stores the
 edits themselves, so ``load_patched`` rebuilds the source architecture on the meta
 device, applies the stored edits (no probing, no planning: a file loads whatever
@@ -31,6 +31,7 @@ from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
 from .models import (
     MODULE_PREFIX,
+    TIMM,
     check_has_data,
     check_matches,
     check_model_kwargs,
@@ -39,6 +40,7 @@ from .models import (
     load_into,
     loadable,
     meta_copy,
+    resolve_name,
 )
 from .outputs import atomic_write_file
 from .plan import Plan, make_plan
@@ -163,7 +165,8 @@ class CheckpointRecord:
 
     @property
     def by_name(self) -> bool:
-        """Whether the model is rebuilt by its timm name (else it needs a fresh build passed in)."""
+        """Whether the model is rebuilt by its timm or torchvision name (else it needs a fresh build
+        passed in)."""
         return not self.model.startswith(MODULE_PREFIX)
 
     def to_metadata(self) -> dict[str, str]:
@@ -285,8 +288,8 @@ def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise _damaged(path, exc) from None
-    _check_name(name, metadata["format_version"], path)
-    check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError)
+    name = _check_name(name, metadata["format_version"], path)
+    check_model_kwargs(kwargs, f"{str(path)!r} metadata", CheckpointError, library=_library(name))
     if not isinstance(recipe, dict):
         raise CheckpointError(
             f"{str(path)!r} has damaged eca-surgery metadata (its recipe is not an object); re-export it."
@@ -294,19 +297,31 @@ def read_metadata(metadata: dict[str, str], path: str | Path) -> tuple[str, dict
     return name, kwargs, recipe_from_dict(recipe, source=f"{path} metadata")
 
 
-def _check_name(name: Any, version: str, path: str | Path) -> None:
-    """Refuse a recorded model that is neither a timm name nor (format 2) ``module:`` and a
-    class's qualified name. Nothing here is ever imported: a class name is only compared."""
+def _check_name(name: Any, version: str, path: str | Path) -> str:
+    """The recorded model as eca-surgery names it (``timm:NAME`` read as the bare name); refuse
+    one that is neither a timm name, nor (format 2) ``torchvision:`` and a builder in
+    torchvision's registry or ``module:`` and a class's qualified name. Nothing here is ever
+    imported: a class name is only compared, a torchvision name only looked up in its registry."""
     if isinstance(name, str) and name.startswith(MODULE_PREFIX) and version != "1":
         qualified = name.removeprefix(MODULE_PREFIX)
         if len(qualified) <= MAX_CLASS_NAME and CLASS_NAME.fullmatch(qualified):
-            return
-    elif isinstance(name, str) and name and ":" not in name:
-        return
+            return name
+    elif isinstance(name, str) and name and len(name) <= MAX_CLASS_NAME:
+        try:
+            resolved = resolve_name(name)
+        except SurgeryError:
+            resolved = None
+        if resolved is not None and (resolved.library == TIMM or version != "1"):
+            return resolved.full
     raise CheckpointError(
         f"{str(path)!r} names the model {str(name)[:60]!r} in its metadata, which is not a timm model "
-        "name; re-export it."
+        "name nor torchvision:NAME with a builder of torchvision.models.list_models(); re-export it."
     )
+
+
+def _library(name: str) -> str:
+    """The library whose kwargs a recorded model takes (timm's for a ``module:`` one, which has none)."""
+    return TIMM if name.startswith(MODULE_PREFIX) else resolve_name(name).library
 
 
 def _stored_plan(metadata: dict[str, str], name: str, recipe: Recipe) -> Plan:
@@ -383,7 +398,7 @@ def rebuild(
     (``models.loadable``). A CheckpointError names the first edit that does not fit."""
     from .apply import PlanMisfit, apply_plan
 
-    built = _built(model is not None)
+    built = _built(model is not None, record.model)
     if model is None:
         model = _build_by_name(record, what, meta)
     else:
@@ -431,11 +446,17 @@ def check_class(record: CheckpointRecord, model: nn.Module, what: str) -> None:
         )
 
 
-def _built(given: bool) -> str:
-    """How the model the edits are applied to was made (``given``: passed in), for messages."""
+def _built(given: bool, name: str = "") -> str:
+    """How the model the edits are applied to was made (``given``: passed in; else built by
+    ``name``), for messages."""
     import timm
+    import torchvision
 
-    return "as passed in `model`" if given else f"as this timm ({timm.__version__}) builds it"
+    if given:
+        return "as passed in `model`"
+    if name.startswith("torchvision:"):
+        return f"as this torchvision ({torchvision.__version__}) builds it"
+    return f"as this timm ({timm.__version__}) builds it"
 
 
 def _misfit_error(misfit: Misfit, record: CheckpointRecord, what: str, built: str) -> CheckpointError:
@@ -453,6 +474,11 @@ def _refit_hint(record: CheckpointRecord) -> str:
         return (
             "Pass a freshly built, unpatched model of the class the file was saved from, with the "
             "architecture settings it was saved with."
+        )
+    if record.model.startswith("torchvision:"):
+        return (
+            f"The file was written with torch {record.versions.torch or '(unknown)'} and its torchvision: "
+            "load it with those, or re-export it from the source weights with this torchvision."
         )
     return (
         f"The file was written with timm {record.versions.timm or '(unknown)'}: load it with that timm, or "
@@ -522,7 +548,7 @@ def check_rebuildable(
     kwargs (or, for a ``module:`` record, a meta-device copy of ``original``, the unpatched
     module) and patched by its edits, must have exactly these keys and shapes, as
     ``load_patched`` will require."""
-    check_model_kwargs(record.model_kwargs, "model_kwargs", CheckpointError)
+    check_model_kwargs(record.model_kwargs, "model_kwargs", CheckpointError, library=_library(record.model))
     what = "The model to save"
     try:
         stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")

@@ -95,7 +95,10 @@ ModelArgOpt = Annotated[
 ]
 
 
-ModelArg = Annotated[str, typer.Argument(help="timm model name, e.g. seresnet50.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="timm or torchvision model name, e.g. seresnet50 or torchvision:mobilenet_v3_large."),
+]
 PatchedArg = Annotated[Path, typer.Argument(help="A checkpoint written by `eca-surgery convert`.")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Where to write the patched .safetensors checkpoint.")
@@ -162,7 +165,7 @@ def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
             raise SurgeryError(f"--model-arg {item[:60]!r}: {exc}; give a plain JSON value.") from None
     from .models import check_model_kwargs
 
-    return check_model_kwargs(kwargs, "--model-arg")
+    return check_model_kwargs(kwargs, "--model-arg", library=None)  # checked again for the model named
 
 
 def _model_kwargs(

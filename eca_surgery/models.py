@@ -8,7 +8,9 @@ import difflib
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +19,73 @@ from torch import nn
 
 from .errors import CheckpointError, SurgeryError, sample_keys, summary
 
+TIMM, TORCHVISION = "timm", "torchvision"
+LIBRARIES = (TIMM, TORCHVISION)
+# the input side of checks and MACs for torchvision's detection and segmentation models, which
+# take any size (their builders name none); classification models take 3x224x224
+DENSE_INPUT_SIZE = (3, 320, 320)
+DENSE_PACKAGES = ("torchvision.models.detection", "torchvision.models.segmentation")
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A model name resolved to its library: ``timm`` (a bare name or ``timm:NAME``) or
+    ``torchvision`` (``torchvision:NAME``, one of ``torchvision.models.list_models()``)."""
+
+    library: str
+    arch: str
+
+    @property
+    def full(self) -> str:
+        """The name as eca-surgery reports and records it: bare for timm (as before), else
+        ``torchvision:NAME``."""
+        return self.arch if self.library == TIMM else f"{self.library}:{self.arch}"
+
+
+def resolve_name(name: str) -> ModelName:
+    """The library and architecture ``name`` names; a SurgeryError (with close matches) for an
+    unknown torchvision builder or source. timm names are checked when built (by timm)."""
+    if not isinstance(name, str):
+        raise TypeError(f"model must be a timm or torchvision model name, not {type(name).__name__}")
+    library, sep, arch = name.partition(":")
+    if not sep:
+        library, arch = TIMM, name
+    if library not in LIBRARIES or ":" in arch or not arch:
+        raise SurgeryError(
+            f"Unknown model {name[:80]!r}: name a timm model (e.g. seresnet50, or timm:seresnet50) or a "
+            "torchvision builder (e.g. torchvision:mobilenet_v3_large)."
+        )
+    if library == TORCHVISION and arch not in torchvision_names():
+        close = difflib.get_close_matches(arch, torchvision_names(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(TORCHVISION + ':' + c for c in close)}?" if close else ""
+        raise SurgeryError(
+            f"Unknown model {name[:80]!r}: torchvision has no such builder.{hint} "
+            '`python -c "import torchvision; print(torchvision.models.list_models())"` lists the names.'
+        )
+    return ModelName(library, arch)
+
+
+def torchvision_names() -> list[str]:
+    """Every builder in torchvision's model registry."""
+    import torchvision
+
+    return list(torchvision.models.list_models())
+
 
 def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
-    """Build timm model ``name`` with random weights (``pretrained=False``).
+    """Build model ``name`` (timm, or ``torchvision:NAME``) with random weights: timm's
+    ``pretrained=False``, torchvision's ``weights=None``; nothing is ever downloaded.
 
     With ``meta=True`` nothing is allocated or initialised: parameters live on the
     meta device, which is enough for planning and for loading weights by assignment.
     """
+    resolved = resolve_name(name)
+    if resolved.library == TORCHVISION:
+        return _create_torchvision(resolved.arch, meta, kwargs)
+    return _create_timm(resolved.arch, meta, kwargs)
+
+
+def _create_timm(name: str, meta: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
     arch = name.split(".", 1)[0]
@@ -43,6 +105,53 @@ def create_model(name: str, *, meta: bool = False, **kwargs: Any) -> nn.Module:
         raise SurgeryError(
             f"timm could not build {name!r} with {kwargs}: {summary(exc, 300)}.{_feature_hint(name, kwargs)}"
         ) from None
+
+
+def _create_torchvision(arch: str, meta: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """torchvision's builder ``arch`` with ``weights=None`` (and ``weights_backbone=None``
+    where it takes one) and ``kwargs``; on the meta device with ``meta``."""
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(arch)
+    args: dict[str, Any] = {**kwargs, "weights": None}  # never downloads, whatever kwargs say
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        args["weights_backbone"] = None
+    try:
+        if meta:
+            with torch.device("meta"), _block_params_off_meta():
+                return builder(**args)
+        return builder(**args)
+    except Exception as exc:  # noqa: BLE001 - builders raise any type for kwargs a model cannot take
+        raise SurgeryError(
+            f"torchvision could not build {arch!r} with {kwargs}: {summary(exc, 300)}. Pass only the "
+            "model kwargs this builder takes."
+        ) from None
+
+
+@contextmanager
+def _block_params_off_meta() -> Iterator[None]:
+    """While building on the meta device, compute RegNet's ``BlockParams`` (a handful of
+    widths and depths, read back with ``.tolist()``) on the CPU: they are plain numbers, not
+    weights, and cannot be read from meta tensors. Every weight stays on the meta device."""
+    from torchvision.models.regnet import BlockParams
+
+    original = BlockParams.__dict__["from_init_params"]
+
+    def on_cpu(cls: type, *args: Any, **kwargs: Any) -> Any:
+        with torch.device("cpu"):
+            return original.__func__(cls, *args, **kwargs)
+
+    with _LOCK:
+        BlockParams.from_init_params = classmethod(on_cpu)
+        try:
+            yield
+        finally:
+            BlockParams.from_init_params = original
+
+
+_LOCK = threading.Lock()
 
 
 MODULE_PREFIX = "module:"  # a checkpoint's model built from an object: never rebuilt by name
@@ -84,14 +193,21 @@ class Source:
             return cls(qualified_name(type(model)), {}, model)
         if not isinstance(model, str):
             raise TypeError(
-                f"model must be a timm model name or a torch.nn.Module, not {type(model).__name__}"
+                f"model must be a timm model name or a torch.nn.Module (or a torchvision:NAME), "
+                f"not {type(model).__name__}"
             )
-        return cls(model, check_model_kwargs(kwargs, "model kwargs"))
+        resolved = resolve_name(model)
+        return cls(resolved.full, check_model_kwargs(kwargs, "model kwargs", library=resolved.library))
 
     @property
     def by_name(self) -> bool:
         """Whether the model is built by its timm name (else it is a copy of an object)."""
         return self.module is None
+
+    @property
+    def library(self) -> str | None:
+        """``timm`` or ``torchvision`` for a model built by name; None for a module object."""
+        return resolve_name(self.name).library if self.by_name else None
 
     @property
     def record_name(self) -> str:
@@ -238,6 +354,17 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "pretrained_cfg_overlay": _overlay,
 }
 
+# what a torchvision builder may get: head and regularisation options only; never weights (the
+# builders' `weights` is always None) and backbone weights only as None
+TORCHVISION_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "num_classes": _int_in(1, MAX_CLASSES),
+    "weights_backbone": lambda v: None if v is None else "null (eca-surgery never downloads weights)",
+    "aux_loss": _boolean,
+    "dropout": _DROP,
+    "stochastic_depth_prob": _DROP,
+}
+KWARG_CHECKS = {TIMM: MODEL_KWARG_CHECKS, TORCHVISION: TORCHVISION_KWARG_CHECKS}
+
 
 def check_seed(seed: int) -> None:
     """Refuse a seed that is not an integer torch can take (-2**63 to 2**64 - 1)."""
@@ -245,8 +372,11 @@ def check_seed(seed: int) -> None:
         raise SurgeryError(f"`seed` must be an integer from -2**63 to 2**64 - 1, got {str(seed)[:40]}.")
 
 
-def check_model_kwargs(kwargs: Any, where: str, error: type[SurgeryError] = SurgeryError) -> dict[str, Any]:
-    """``kwargs`` if it is a JSON object of allowed ``timm.create_model`` kwargs with
+def check_model_kwargs(
+    kwargs: Any, where: str, error: type[SurgeryError] = SurgeryError, library: str | None = TIMM
+) -> dict[str, Any]:
+    """``kwargs`` if it is a JSON object of kwargs allowed for ``library``'s builders (timm's
+    ``create_model`` or a torchvision builder; None: either, for a model not named yet) with
     values of the right type and range; else ``error`` naming the key and what it may be.
     ``where`` says where the kwargs come from (e.g. a file's metadata)."""
     if not isinstance(kwargs, dict):
@@ -255,19 +385,26 @@ def check_model_kwargs(kwargs: Any, where: str, error: type[SurgeryError] = Surg
             'of keyword arguments such as {"num_classes": 10}.'
         )
     for key, value in kwargs.items():
-        _check_kwarg(key, value, MODEL_KWARG_CHECKS, where, error, "")
+        _check_kwarg(key, value, _kwarg_checks(key, library), where, error, library or TIMM)
         if key == "pretrained_cfg_overlay":
             for k, v in value.items():
-                _check_kwarg(k, v, OVERLAY_CHECKS, where, error, "pretrained_cfg_overlay.")
+                _check_kwarg(k, v, OVERLAY_CHECKS, where, error, TIMM, "pretrained_cfg_overlay.")
     return kwargs
+
+
+def _kwarg_checks(key: Any, library: str | None) -> dict[str, Callable[[Any], str | None]]:
+    """The checks of ``library``'s kwargs; for no library, those of the one that knows ``key``."""
+    if library is None:
+        return MODEL_KWARG_CHECKS if key in MODEL_KWARG_CHECKS else TORCHVISION_KWARG_CHECKS
+    return KWARG_CHECKS[library]
 
 
 def _check_kwarg(
     key: Any, value: Any, checks: dict[str, Callable[[Any], str | None]], where: str,
-    error: type[SurgeryError], prefix: str,
+    error: type[SurgeryError], library: str, prefix: str = "",
 ) -> None:  # fmt: skip
     if key not in checks:
-        allowed = f"{prefix.rstrip('.')} may set only" if prefix else "timm gets only these kwargs"
+        allowed = f"{prefix.rstrip('.')} may set only" if prefix else f"{library} gets only these kwargs"
         raise error(
             f"{where}: model kwarg {prefix}{str(key)[:60]!r} is not allowed. eca-surgery builds models "
             f"without pretrained weights or files, and {allowed}: {', '.join(checks)}."
@@ -307,10 +444,13 @@ def input_channels(model: nn.Module) -> int | None:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The model's default (C, H, W) input size: H and W from its timm pretrained config,
-    C from its first convolution (the config says 3 even for a model built with in_chans=1)."""
+    """The model's default (C, H, W) input size: H and W from its timm pretrained config
+    (else 224, or :data:`DENSE_INPUT_SIZE` for torchvision's detection and segmentation
+    models), C from its first convolution (the config says 3 even for a model built with
+    in_chans=1)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    dense = type(model).__module__.startswith(DENSE_PACKAGES)
+    c, h, w = tuple(cfg.get("input_size", DENSE_INPUT_SIZE if dense else (3, 224, 224)))
     return (input_channels(model) or c, h, w)
 
 

@@ -25,6 +25,7 @@ from .errors import CheckpointError, SurgeryError
 from .flops import count_macs_or_reason
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
+    TIMM,
     Source,
     build_with_weights,
     check_fits,
@@ -32,6 +33,7 @@ from .models import (
     create_model,
     input_size,
     meta_copy,
+    resolve_name,
     shapes_of,
 )
 from .native import NOT_NATIVE, check_native, find_native
@@ -40,7 +42,13 @@ from .recipe import Recipe, load_recipe
 from .weights import pretrained_file, read_state_dict
 
 RANDOM_SOURCE = "random init (timm, pretrained=False)"
+RANDOM_TORCHVISION = "random init (torchvision, weights=None)"
 OWN_WEIGHTS = "the model object's own weights"
+NOT_TIMM = (
+    "`timm_dir` writes a folder that plain timm builds by name, but {model} is not a timm model. Save "
+    "the eca-surgery checkpoint instead (`output`, or Conversion.save): eca_surgery.load_patched(path) "
+    "rebuilds it from the file alone."
+)
 NOT_BY_NAME = (
     "`timm_dir` writes a folder that plain timm builds by name, but {model} was passed as a model "
     "object, which timm cannot build. Save the eca-surgery checkpoint instead (`output`, or "
@@ -209,7 +217,9 @@ def source_weights(
         return pretrained_file(model_name)
     if checkpoint is not None:
         return Path(checkpoint), str(checkpoint)
-    return None, RANDOM_SOURCE if by_name else OWN_WEIGHTS
+    if not by_name:
+        return None, OWN_WEIGHTS
+    return None, RANDOM_SOURCE if resolve_name(model_name).library == TIMM else RANDOM_TORCHVISION
 
 
 @dataclass(frozen=True)
@@ -335,6 +345,8 @@ def _source(model: str | nn.Module, model_kwargs: dict[str, Any], timm_dir: str 
     source = Source.of(model, model_kwargs)
     if timm_dir is not None and not source.by_name:
         raise SurgeryError(NOT_BY_NAME.format(model=source.name))
+    if timm_dir is not None and source.library != TIMM:
+        raise SurgeryError(NOT_TIMM.format(model=source.name))
     return source
 
 
@@ -410,8 +422,9 @@ def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
 
 
 def _native(job: _Job, model: nn.Module, timm_native: bool) -> dict[str, Any] | None:
-    """The timm-native variant (found already with ``timm_dir``); None for a model object."""
-    if job.native is not None or not timm_native or not job.origin.by_name:
+    """The timm-native variant (found already with ``timm_dir``); None for a model object or a
+    model timm does not build (torchvision's)."""
+    if job.native is not None or not timm_native or job.origin.library != TIMM:
         return job.native
     return find_native(job.origin.name, job.origin.kwargs, model, job.plan)
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -180,8 +181,11 @@ def pretrained_file(model_name: str, param: str = "checkpoint") -> tuple[Path, s
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from .models import create_model
+    from .models import TORCHVISION, create_model, resolve_name
 
+    resolved = resolve_name(model_name)
+    if resolved.library == TORCHVISION:
+        return torchvision_cached_file(resolved.arch, param)
     local = f"`{param}=FILE`"
     cfg = create_model(model_name, meta=True).pretrained_cfg
     hub_id = cfg.get("hf_hub_id")
@@ -212,3 +216,28 @@ def pretrained_file(model_name: str, param: str = "checkpoint") -> tuple[Path, s
         "could not be downloaded (no network?). Download them where you have a network "
         f"(e.g. `hf download {hub_id}`) and copy the cache, or pass a local file with {local}."
     )
+
+
+def torchvision_cached_file(arch: str, param: str = "checkpoint") -> tuple[Path, str]:
+    """The torch hub cache file (``$TORCH_HOME/hub/checkpoints``) of torchvision builder
+    ``arch``'s default weights, and a description of it; never the network: a CheckpointError
+    naming the expected path where it is absent."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError):
+        weights = None
+    if weights is None:
+        raise CheckpointError(
+            f"torchvision has no pretrained weights for {arch!r}. Pass a local state_dict with `{param}=FILE`."
+        )
+    filename = os.path.basename(urlparse(weights.url).path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise CheckpointError(
+            f"The pretrained weights of torchvision:{arch} ({weights}) are not in the torch hub cache: "
+            f"expected {str(path)!r}. eca-surgery never downloads them; put the file there (e.g. copy "
+            f"{weights.url} fetched where you have a network) or pass a local state_dict with `{param}=FILE`."
+        )
+    return path, f"torchvision pretrained {weights} ({path})"
