@@ -17,11 +17,24 @@ SHAPE_CHANGED = (
 )
 
 
+DETECTION_PACKAGE = "torchvision.models.detection"
+
+
 def meta_output_shape(meta: nn.Module) -> list:
-    """The output shape(s) of ``meta`` (a meta-device model) at its default input size."""
+    """The output shape(s) of ``meta`` (a meta-device model) at its default input size; for a
+    torchvision detection model, of its backbone (see :func:`shape_module`)."""
     x = torch.empty(1, *input_size(meta), device="meta")
     with torch.no_grad():
-        return shape_of(run(meta, x))
+        return shape_of(run(shape_module(meta), x))
+
+
+def shape_module(model: nn.Module) -> nn.Module:
+    """The part of ``model`` whose output shapes are compared on the meta device: a torchvision
+    detection model's backbone (how many boxes the whole model returns depends on the data, which
+    meta tensors do not hold; the SE blocks live in the backbone), else the model itself."""
+    if type(model).__module__.startswith(DETECTION_PACKAGE) and isinstance(model.backbone, nn.Module):
+        return model.backbone
+    return model
 
 
 def run(model: nn.Module, x: torch.Tensor):
@@ -50,10 +63,14 @@ def sample_input(model: nn.Module, seed: int) -> torch.Tensor:
 
 
 def outputs(out) -> list[torch.Tensor]:
-    """The tensors of a model's output: one for a classifier, one per map for features_only."""
+    """The tensors of a model's output, in order: one for a classifier, one per map for
+    features_only or a dict of maps (segmentation), every tensor of every dict in a list
+    (a detection model's boxes, labels and scores per image)."""
     if isinstance(out, dict):
         out = list(out.values())
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in outputs(item)]
+    return [out]
 
 
 def shape_of(out) -> list:

@@ -165,3 +165,30 @@ def test_crafted_torchvision_names_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="torchvision gets only"):
         save_file(tensors, str(bad), metadata=metadata | {"model_kwargs": '{"weights": "DEFAULT"}'})
         load_patched(bad)
+
+
+def test_detection_converts_and_keeps_boxes_labels_scores(tmp_path):
+    out = tmp_path / "frcnn.safetensors"
+    result = convert("torchvision:fasterrcnn_mobilenet_v3_large_fpn", "se-to-eca", output=out)
+    assert result.check["finite"] and len(result.check["output_shape"]) == 3  # boxes, labels, scores
+    assert "could not run" in result.macs["macs_error"]  # GMACs not counted: data-dependent ops
+    json.loads(run_ok(["verify", str(out), "--json"]))
+    with torch.no_grad():
+        (detections,) = load_patched(out)(torch.rand(1, 3, 320, 320))
+    assert set(detections) == {"boxes", "labels", "scores"}
+    assert detections["boxes"].shape[1:] == (4,)
+
+
+def test_segmentation_keeps_its_out_map():
+    result = convert("torchvision:lraspp_mobilenet_v3_large", "se-to-eca")
+    assert (result.plan.params_before, result.plan.params_after) == (3_221_538, 1_709_292)
+    assert result.check["output_shape_at_default_size"] == [[1, 21, 320, 320]]
+    with torch.no_grad():
+        assert result.model(torch.rand(1, 3, 96, 96))["out"].shape == (1, 21, 96, 96)
+
+
+def test_timm_dir_is_refused_for_torchvision(tmp_path):
+    with pytest.raises(SurgeryError, match="not a timm model"):
+        convert("torchvision:mobilenet_v3_small", "se-to-eca", timm_dir=tmp_path / "tv")
+    result = convert("torchvision:mobilenet_v3_small", "se-to-eca", dry_run=True)
+    assert result.native is None and result.source == "random init (torchvision, weights=None)"
