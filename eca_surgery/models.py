@@ -137,13 +137,13 @@ def _block_params_off_meta() -> Iterator[None]:
     weights, and cannot be read from meta tensors. Every weight stays on the meta device."""
     from torchvision.models.regnet import BlockParams
 
-    original = BlockParams.__dict__["from_init_params"]
+    with _LOCK:  # read the original under the lock too: another build's patch is not the original
+        original = BlockParams.__dict__["from_init_params"]
 
-    def on_cpu(cls: type, *args: Any, **kwargs: Any) -> Any:
-        with torch.device("cpu"):
-            return original.__func__(cls, *args, **kwargs)
+        def on_cpu(cls: type, *args: Any, **kwargs: Any) -> Any:
+            with torch.device("cpu"):
+                return original.__func__(cls, *args, **kwargs)
 
-    with _LOCK:
         BlockParams.from_init_params = classmethod(on_cpu)
         try:
             yield
