@@ -611,6 +611,8 @@ def open_patched(path: str | Path, model: nn.Module | None = None) -> Patched:
     patched in place by the file's edits instead and filled by assignment where it is on the
     meta device, else by copy. A file saved from a module object (recorded as ``module:`` and
     its class) needs it, of the recorded class: nothing a file records is ever imported."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module (a fresh build), not {type(model).__name__}")
     tensors, metadata = read_safetensors(path, "Pass a checkpoint written by `eca-surgery convert`.")
     record = CheckpointRecord.from_metadata(metadata, path)
     what = f"Checkpoint {str(path)!r}"
