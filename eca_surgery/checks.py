@@ -23,7 +23,8 @@ DETECTION_PACKAGE = "torchvision.models.detection"
 def meta_output_shape(meta: nn.Module) -> list:
     """The output shape(s) of ``meta`` (a meta-device model) at its default input size; for a
     torchvision detection model, of its backbone (see :func:`shape_module`)."""
-    x = torch.empty(1, *input_size(meta), device="meta")
+    dtypes = [p.dtype for p in meta.parameters() if p.is_floating_point()]
+    x = torch.empty(1, *input_size(meta), device="meta", dtype=dtypes[0] if dtypes else None)
     with torch.no_grad():
         return shape_of(run(shape_module(meta), x))
 
