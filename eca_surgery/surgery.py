@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .checkpoint import model_on_meta
 from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
 from .choices import Init, choice
 from .data import calibration_batches, image_files
@@ -380,10 +381,23 @@ def _prepare(
         recipe = recipe.with_insert_gate("double_sigmoid")
     files = image_files(calib_data) if calib_data is not None and not dry_run else None
     path, described = source_weights(source.name, checkpoint, pretrained, source.by_name)
+    if not dry_run:
+        _check_has_weights(source, path is not None and strict)
     meta = _build(source, meta=True).eval()
     plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
     return _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
+
+
+def _check_has_weights(source: Source, filled: bool) -> None:
+    """Refuse a model object on the meta device (it holds no weights to convert) unless a
+    checkpoint fills all of it (``filled``: a strict load, by assignment)."""
+    if source.module is not None and not filled and model_on_meta(source.module):
+        raise SurgeryError(
+            f"The model object ({source.name}) has tensors on the meta device, which hold no weights to "
+            "convert. Pass it built on a real device (e.g. the CPU), or give its weights with `checkpoint` "
+            "(loaded strictly), or plan only with `dry_run=True`."
+        )
 
 
 def _check_init(init: Init, meta: nn.Module, plan: Plan) -> None:
