@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, summary
 
 ChannelsSpec = str | Callable[[nn.Module], int]
 GateSpec = str | Callable[[nn.Module], nn.Module | None] | None
@@ -66,8 +66,8 @@ class SEAdapter:
                 channels = self.squeeze(module)
             else:
                 channels = module.get_submodule(self.squeeze).weight.shape[1]
-        except (AttributeError, IndexError) as exc:
-            raise SurgeryError(self._misfit(f"its channels cannot be read ({exc})")) from exc
+        except Exception as exc:  # noqa: BLE001 - a registered function may raise anything
+            raise SurgeryError(self._misfit(f"its channels cannot be read ({summary(exc, 200)})")) from exc
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise SurgeryError(self._misfit(f"its channel count is {channels!r}, not a positive int"))
         return int(channels)
@@ -77,7 +77,14 @@ class SEAdapter:
         if self.gate_from is None:
             return None
         if callable(self.gate_from):
-            gate = self.gate_from(module)
+            try:
+                gate = self.gate_from(module)
+            except Exception as exc:  # noqa: BLE001 - a registered function may raise anything
+                raise SurgeryError(
+                    f"An SE block of class {qualified_name(self.cls)} does not fit how it is registered: its "
+                    f"gate cannot be read ({summary(exc, 200)}). Register it again with `gate` naming its gate "
+                    "module (e.g. 'gate') or a function returning it: eca_surgery.register_se(cls, gate=...)."
+                ) from exc
         else:
             gate = functools.reduce(lambda m, name: getattr(m, name, None), self.gate_from.split("."), module)
         return gate if isinstance(gate, nn.Module) else None
