@@ -575,6 +575,11 @@ def _stop_requests():
 
 def _check_classifier(model: nn.Module, what: str) -> None:
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        if type(model).__module__.startswith("torchvision."):
+            raise SurgeryError(
+                f"heal distils a timm classifier's logits, but {what} holds a torchvision model "
+                f"({type(model).__name__}), which heal does not take yet. Heal a timm model's checkpoint."
+            )
         raise SurgeryError(
             f"heal distils a classifier's logits, but {what} is not a timm classifier (a features_only "
             "model?). Heal the classifier checkpoint, then build features from it."
