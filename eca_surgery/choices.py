@@ -45,6 +45,15 @@ class Sort(str, Enum):
     __str__ = str.__str__
 
 
+class ScanSource(str, Enum):
+    """Which model registry ``scan`` walks."""
+
+    TIMM = "timm"  # timm.list_models()
+    TORCHVISION = "torchvision"  # torchvision.models.list_models(), named torchvision:NAME
+
+    __str__ = str.__str__
+
+
 def choice(enum: type[Enum], value: object, param: str, error: type[Exception] | None = None) -> Any:
     """``value`` as a member of ``enum``; else ``error`` (SurgeryError by default) naming
     ``param`` and the choices."""

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .choices import MAX_WORKERS, Init, Sort, Train
+from .choices import MAX_WORKERS, Init, ScanSource, Sort, Train
 from .errors import StoppedBySignal, SurgeryError, with_flags
 from .jsontext import loads_strict
 
@@ -460,9 +460,10 @@ def list_recipes(json_out: JsonOpt = False) -> None:
 
 @app.command()
 def scan(
-    pattern: Annotated[
-        str, typer.Argument(help="timm model-name pattern, e.g. 'seres*' (default: all).")
-    ] = "*",
+    pattern: Annotated[str, typer.Argument(help="Model-name pattern, e.g. 'seres*' (default: all).")] = "*",
+    source: Annotated[
+        ScanSource, typer.Option("--source", help="Scan timm's models or torchvision's builders.")
+    ] = ScanSource.TIMM,
     sort: Annotated[Sort, typer.Option("--sort", help="Order rows by this.")] = Sort.SAVING,
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count GMACs before and after.")] = True,
     limit: Annotated[
@@ -470,14 +471,15 @@ def scan(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Scan timm's models (on the meta device) for SE blocks and what SE-to-ECA would save."""
+    """Scan timm's models or torchvision's builders (on the meta device) for SE blocks and what
+    SE-to-ECA would save."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .report import render_scan, scan_report
     from .scan import model_names, sort_rows
     from .scan import scan as scan_models
 
-    names = model_names(pattern)
+    names = model_names(pattern, source)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("scanning", total=len(names))

@@ -1,4 +1,4 @@
-"""Scan timm's model zoo: which models have SE blocks, and what SE-to-ECA would save.
+"""Scan timm's (or torchvision's) model zoo: which models have SE blocks, and what SE-to-ECA would save.
 
 Every model is built on the meta device (no weights allocated), so a scan of the
 whole zoo costs only the time to construct each model and count its MACs.
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .choices import Sort, choice
+from .choices import ScanSource, Sort, choice
 from .errors import SurgeryError
 from .recipe import EcaOptions, Recipe, Rule, Selector
 
@@ -124,14 +124,24 @@ SORT_KEYS: dict[Sort, Callable[[ScanRow], Any]] = {
 }
 
 
-def model_names(pattern: str = "*") -> list[str]:
-    """The timm models matching ``pattern``; a SurgeryError when none does."""
-    import timm
+def model_names(pattern: str = "*", source: ScanSource | str = ScanSource.TIMM) -> list[str]:
+    """The models of ``source`` matching the fnmatch ``pattern``, as ``create_model`` takes
+    them (torchvision's as ``torchvision:NAME``); a SurgeryError when none does."""
+    source = choice(ScanSource, source, "source")
+    if source is ScanSource.TORCHVISION:
+        from fnmatch import fnmatchcase
 
-    names = timm.list_models(pattern)
+        from .models import torchvision_names
+
+        names = [f"torchvision:{n}" for n in sorted(torchvision_names()) if fnmatchcase(n, pattern)]
+    else:
+        import timm
+
+        names = timm.list_models(pattern)
     if not names:
         raise SurgeryError(
-            f"No timm model matches {pattern!r}; try a wider pattern such as '*{pattern.strip('*')}*'."
+            f"No {source.value} model matches {pattern!r}; try a wider pattern such as "
+            f"'*{pattern.strip('*')}*'."
         )
     return names
 
