@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError, summary
-from .models import input_size
+from .models import float_dtype, input_size
 
 SHAPE_CHANGED = (
     "The patched model's output shape differs from the original's {expected}; the recipe "
@@ -23,8 +23,7 @@ DETECTION_PACKAGE = "torchvision.models.detection"
 def meta_output_shape(meta: nn.Module) -> list:
     """The output shape(s) of ``meta`` (a meta-device model) at its default input size; for a
     torchvision detection model, of its backbone (see :func:`shape_module`)."""
-    dtypes = [p.dtype for p in meta.parameters() if p.is_floating_point()]
-    x = torch.empty(1, *input_size(meta), device="meta", dtype=dtypes[0] if dtypes else None)
+    x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
     with torch.no_grad():
         return shape_of(run(shape_module(meta), x))
 

@@ -176,6 +176,7 @@ class Source:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     module: nn.Module | None = None
+    library: str | None = None  # timm or torchvision for a model built by name; None for an object
 
     @classmethod
     def of(cls, model: str | nn.Module, kwargs: dict[str, Any]) -> Source:
@@ -197,17 +198,13 @@ class Source:
                 f"not {type(model).__name__}"
             )
         resolved = resolve_name(model)
-        return cls(resolved.full, check_model_kwargs(kwargs, "model kwargs", library=resolved.library))
+        kwargs = check_model_kwargs(kwargs, "model kwargs", library=resolved.library)
+        return cls(resolved.full, kwargs, library=resolved.library)
 
     @property
     def by_name(self) -> bool:
         """Whether the model is built by its timm name (else it is a copy of an object)."""
         return self.module is None
-
-    @property
-    def library(self) -> str | None:
-        """``timm`` or ``torchvision`` for a model built by name; None for a module object."""
-        return resolve_name(self.name).library if self.by_name else None
 
     @property
     def record_name(self) -> str:
@@ -443,6 +440,11 @@ def input_channels(model: nn.Module) -> int | None:
     return None
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """The model's default (C, H, W) input size: H and W from its timm pretrained config
     (else 224, or :data:`DENSE_INPUT_SIZE` for torchvision's detection and segmentation
@@ -569,8 +571,7 @@ def build_with_weights(
             "ignored": [k for k in state_dict if k not in fits],
         }
         return model, report
-    check_fits(model, shapes_of(state_dict), what, name)
-    check_kinds(model, state_dict, what)
+    check_matches(model, state_dict, what, name)
     return load_into(loadable(model, name, build, **kwargs), state_dict), {"missing": [], "ignored": []}
 
 

@@ -32,6 +32,7 @@ from .models import (
     check_fits,
     check_seed,
     create_model,
+    float_dtype,
     input_size,
     meta_copy,
     resolve_name,
@@ -139,8 +140,7 @@ class Conversion:
 
 def dtype_of(model: nn.Module) -> str:
     """The dtype of ``model``'s first floating parameter, e.g. ``float16``."""
-    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    return str(dtypes[0] if dtypes else torch.float32).removeprefix("torch.")
+    return str(float_dtype(model)).removeprefix("torch.")
 
 
 def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
