@@ -149,6 +149,8 @@ CalibDataOpt = Annotated[
 
 
 def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    from .models import PYTHON_CONSTANTS, check_model_kwargs
+
     kwargs: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -158,13 +160,13 @@ def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
                 "or pretrained_cfg_overlay='{\"input_size\": [3, 64, 64]}'."
             )
         try:
-            kwargs[key.strip()] = loads_strict(value)
+            kwargs[key.strip()] = (
+                PYTHON_CONSTANTS[value.strip()] if value.strip() in PYTHON_CONSTANTS else loads_strict(value)
+            )
         except json.JSONDecodeError:  # not JSON at all: a plain string
             kwargs[key.strip()] = value
         except ValueError as exc:  # JSON, but too deep, with duplicate keys or a huge integer
             raise SurgeryError(f"--model-arg {item[:60]!r}: {exc}; give a plain JSON value.") from None
-    from .models import check_model_kwargs
-
     return check_model_kwargs(kwargs, "--model-arg", library=None)  # checked again for the model named
 
 

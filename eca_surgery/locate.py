@@ -1,4 +1,4 @@
-"""Where things are in a timm model: its stages, the blocks of a stage, empty attention slots.
+"""Where things are in a model: its backbone, timm's stages, the blocks of a stage, empty attention slots.
 
 Stages are the modules that timm's ``feature_info`` names (the model's own notion of
 its multi-scale stages); a features_only model also says which of them it returns.
@@ -27,6 +27,19 @@ def _resolve(model: nn.Module, name: str) -> str | None:
         except AttributeError:
             continue
     return None
+
+
+def backbone_path(model: nn.Module) -> str:
+    """The path of the model's feature extractor: ``backbone.body`` (torchvision's
+    BackboneWithFPN), ``backbone`` (segmentation models, SSD), else '' (the model itself)."""
+    backbone = model._modules.get("backbone")
+    if not isinstance(backbone, nn.Module):
+        return ""
+    if isinstance(backbone._modules.get("body"), nn.Module) and isinstance(
+        backbone._modules.get("fpn"), nn.Module
+    ):
+        return "backbone.body"
+    return "backbone"
 
 
 def stage_paths(model: nn.Module) -> list[str]:

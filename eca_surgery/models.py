@@ -351,6 +351,9 @@ MODEL_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "pretrained_cfg_overlay": _overlay,
 }
 
+# --model-arg values are JSON, and Python's spellings of its constants mean the same
+PYTHON_CONSTANTS: dict[str, Any] = {"None": None, "True": True, "False": False}
+
 # what a torchvision builder may get: head and regularisation options only; never weights (the
 # builders' `weights` is always None) and backbone weights only as None
 TORCHVISION_KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import SurgeryError
+from .locate import backbone_path
 from .models import input_size
 
 
@@ -47,7 +49,7 @@ def _last_tensor(out) -> torch.Tensor | None:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -103,6 +105,24 @@ def _child_probes(model: nn.Module, owners: list[str]) -> Iterator[dict[str, _Tr
             delattr(model.get_submodule(path), "_eca_surgery_tracer")
 
 
+def _run(model: nn.Module, x: torch.Tensor, paths: list[str], find_final: bool):
+    """One forward pass for the probe: ``forward_features`` to find the final map, only the
+    backbone when every path lies in it (a detection model cannot run whole on the meta
+    device), else the whole model; a SurgeryError where the model cannot run here."""
+    if find_final and hasattr(model, "forward_features"):
+        return model.forward_features(x)
+    root = backbone_path(model)
+    inside = root and all(p == root or p.startswith(f"{root}.") for p in paths)
+    try:
+        return model.get_submodule(root)(x) if inside else model(x)
+    except (NotImplementedError, RuntimeError) as exc:
+        where = f" Place ECA inside its backbone ({root!r}) instead." if root else ""
+        raise SurgeryError(
+            f"Cannot run {type(model).__name__} on a zero image of size {tuple(x.shape)} "
+            f"to measure the modules a recipe selects ({exc}).{where}"
+        ) from None
+
+
 @torch.no_grad()
 def probe(
     model: nn.Module,
@@ -124,7 +144,7 @@ def probe(
     handles = []
     ref = next(model.parameters())
     x = torch.zeros(1, *input_size(model), device=ref.device, dtype=ref.dtype)
-    with _eval_mode(model), _slot_probes(model, list(slots)), _child_probes(model, list(owners)) as tracers:
+    with eval_mode(model), _slot_probes(model, list(slots)), _child_probes(model, list(owners)) as tracers:
         try:
             for path in calls:
 
@@ -141,8 +161,7 @@ def probe(
                                 lambda m, a, out, path=path: finished.append((path, out))
                             )
                         )
-            forward = getattr(model, "forward_features", None) if find_final else None
-            out = forward(x) if forward is not None else model(x)
+            out = _run(model, x, [*calls, *owners], find_final)
         finally:
             for h in handles:
                 h.remove()

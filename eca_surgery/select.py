@@ -1,8 +1,8 @@
 """Resolve a recipe rule's selector against a model: which modules (or attention slots) it acts on.
 
 Selection reads the module tree, the SE blocks, and the stages and blocks that timm's
-``feature_info`` names; it says *where* a rule acts, not with how many channels or
-under which name (that is planning, in :mod:`eca_surgery.plan`). A rule that selects
+``feature_info`` names (or that :mod:`eca_surgery.stages` traces, for other models); it
+says *where* a rule acts, not with how many channels or under which name (that is planning, in :mod:`eca_surgery.plan`). A rule that selects
 nothing gets a :class:`RecipeError` with a hint at what was probably meant.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import nn
 
@@ -23,27 +24,35 @@ from .locate import (
     empty_slot,
     feature_branch_paths,
     is_features_only,
-    stage_paths,
 )
 from .probe import probe
 from .recipe import Recipe, Rule, Selector, compile_glob, compile_regex, excerpt
+from .stages import Stages, model_stages
 
 
 @dataclass(frozen=True)
 class ModelView:
     """What selection and planning read from a model: its modules by path, its SE blocks,
-    its stages, and the name that messages call it by."""
+    its stages (found when first asked for: tracing them runs the model), and the name that
+    messages call it by."""
 
     model: nn.Module
     name: str
     modules: dict[str, nn.Module]
     se: dict[str, SEBlock]
-    stages: list[str]
 
     @classmethod
     def of(cls, model: nn.Module, name: str) -> ModelView:
         se = {b.path: b for b in find_se_blocks(model)}
-        return cls(model, name, dict(model.named_modules()), se, stage_paths(model))
+        return cls(model, name, dict(model.named_modules()), se)
+
+    @cached_property
+    def staging(self) -> Stages:
+        return model_stages(self.model)
+
+    @property
+    def stages(self) -> list[str]:
+        return self.staging.paths
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,7 @@ def _pick(
         listing = ", ".join(f"{i}: {p}" for i, p in enumerate(items)) or "none"
         raise RecipeError(
             f"Recipe {ref.where('select', key)}: {what} index {bad[0]} is out "
-            f"of range; {view.name} has {len(items)} {what}s (feature_info): {listing}. "
+            f"of range; {view.name} has {len(items)} {what}s ({view.staging.how}): {listing}. "
             "Negative indices count from the end."
         )
     return [items[i] for i in spec if -len(items) <= i < len(items)]
@@ -172,13 +181,19 @@ def _in_blocks(view: ModelView, ref: RuleRef, sel: Selector) -> list[Target]:
 
 
 def _final_path(view: ModelView, ref: RuleRef) -> str:
-    """The module that produces the model's final feature map (found by one probe pass)."""
-    final = probe(view.model, [], find_final=True).final
+    """The module that produces the model's final feature map: for a timm model the one
+    whose output ``forward_features`` returns (found by one probe pass), else the last
+    traced stage of its backbone."""
+    if hasattr(view.model, "forward_features"):
+        final = probe(view.model, [], find_final=True).final
+    else:
+        final = view.stages[-1] if view.stages else None
     if final is None:
         raise RecipeError(
             f"Recipe {ref.where('select', 'placement')}: cannot find the module "
             f"that produces {view.name}'s final feature map (it may be made by a function, not a "
-            "module). Use an insert rule with a 'path' selector naming the module instead."
+            "module, or the model gives no NCHW map). Use an insert rule with a 'path' selector "
+            "naming the module instead."
         )
     return final
 

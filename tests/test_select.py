@@ -390,7 +390,8 @@ class Toy(nn.Module):
         (
             "{placement: backbone-end}",
             "Recipe <recipe>, line 4: rules[0].select.placement: cannot find the module that produces toy's "
-            "final feature map (it may be made by a function, not a module). Use an insert rule with a 'path' "
+            "final feature map (it may be made by a function, not a module, or the model gives no NCHW map). "
+            "Use an insert rule with a 'path' "
             "selector naming the module instead.",
         ),
     ],
