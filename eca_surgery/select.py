@@ -238,8 +238,9 @@ def _hint(view: ModelView, sel: Selector) -> str:
     if sel.placement == "in-blocks":
         return (
             f" No selected block of {view.name} has an empty attention slot (an 'se' or 'attn' "
-            "attribute that is None or Identity); use 'action: insert' without a placement to add ECA "
-            "after modules, or se-to-eca to replace existing SE blocks."
+            "attribute that is None or Identity), so in-blocks has no place to put ECA there; use "
+            "'stages' or 'placement: backbone-end' (the eca-after-stages and eca-backbone-end recipes), "
+            "'path'/'regex'/'class' selectors, or se-to-eca to replace existing SE blocks."
         )
     if sel.se:
         return _se_hint(view)

@@ -247,7 +247,7 @@ FROZEN_ERRORS = [
         "seresnet18",
         {},
         "version: 1\nrules:\n  - action: insert\n    select: {placement: in-blocks}\n",
-        "Recipe <recipe>, line 3: rules[0]: rule 1 (insert placement in-blocks) matches nothing in seresnet18. No selected block of seresnet18 has an empty attention slot (an 'se' or 'attn' attribute that is None or Identity); use 'action: insert' without a placement to add ECA after modules, or se-to-eca to replace existing SE blocks. Check the model name and the rule's selector, or mark the rule 'optional: true' if that is expected.",
+        "Recipe <recipe>, line 3: rules[0]: rule 1 (insert placement in-blocks) matches nothing in seresnet18. No selected block of seresnet18 has an empty attention slot (an 'se' or 'attn' attribute that is None or Identity), so in-blocks has no place to put ECA there; use 'stages' or 'placement: backbone-end' (the eca-after-stages and eca-backbone-end recipes), 'path'/'regex'/'class' selectors, or se-to-eca to replace existing SE blocks. Check the model name and the rule's selector, or mark the rule 'optional: true' if that is expected.",
     ),
     (
         "resnet18",
