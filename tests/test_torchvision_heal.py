@@ -143,3 +143,16 @@ def test_gmacs_of_a_detection_model_are_its_backbones():
     assert "GMACs of the backbone backbone.body" in " ".join(text.split())
     seg = json.loads(run_ok(["inspect", SEGMENTER, "-r", "se-to-eca", "--json"]))
     assert seg["macs_before"] > seg["macs_after"] > 0 and "macs_scope" not in seg  # counted whole
+
+
+def test_identity_init_keeps_a_segmentation_backbone_exactly(images, tmp_path):
+    recipe = tmp_path / "insert.yaml"
+    recipe.write_text(
+        "version: 1\nname: insert\nrules:\n  - action: insert\n    where: after\n"
+        "    select:\n      path: [backbone.6, backbone.12]\n"
+    )
+    checkpoint = source_checkpoint(tmp_path, SEGMENTER)
+    conv = convert(SEGMENTER, recipe, checkpoint=checkpoint, init="identity", calib_data=images, calib_size=2)
+    assert conv.init["edits"] == ["backbone.6", "backbone.12"]
+    assert conv.init["fidelity"]["max_abs_diff"] == 0.0  # the backbone's maps, bit for bit
+    assert conv.init["calibration"].endswith("at 3x520x520")
