@@ -2,8 +2,13 @@
 
 Images are found at any depth under the folder (labels are not needed: fitting and
 distillation only compare the model with its original) and are resized, cropped and
-normalised by timm's eval transform, resolved from the model's pretrained config.
+normalised by timm's eval transform, resolved from the model's pretrained config (for a
+torchvision model: from its builder's default weights entry, see :func:`torchvision_data_config`).
 Without a folder, calibration falls back to seeded Gaussian-noise inputs.
+
+torchvision's detection and segmentation models are fed images through their backbone only
+(:func:`feature_path`): that is where their SE blocks live, and the full models want lists of
+images and end in postprocessing that has nothing to calibrate or distil.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import SurgeryError
-from .models import input_size
+from .models import DENSE_PACKAGES, TORCHVISION, input_size
 from .paths import stat_input
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -75,11 +80,89 @@ def _is_regular_file(path: Path) -> bool:
     return st is not None and stat.S_ISREG(st.st_mode)
 
 
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """The input size, resize, crop and normalisation timm resolves for ``model``."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def is_torchvision(model: nn.Module) -> bool:
+    """Whether ``model`` is one of torchvision's models (by the package of its class)."""
+    return type(model).__module__.startswith("torchvision.")
+
+
+def is_dense(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision detection or segmentation model."""
+    return type(model).__module__.startswith(DENSE_PACKAGES)
+
+
+def feature_path(model: nn.Module) -> str:
+    """The part of ``model`` that calibration and healing run on images: the backbone
+    (``stages.backbone_path``) of a torchvision detection or segmentation model, else ''
+    (the whole model)."""
+    from .stages import backbone_path
+
+    return backbone_path(model) if is_dense(model) else ""
+
+
+def data_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """The input size, resize, crop and normalisation for ``model``, as timm's
+    ``create_transform`` takes them: for a torchvision model (``name`` ``torchvision:ARCH``,
+    or a model of a torchvision class), those of its builder's default weights; else what
+    timm resolves from the model's pretrained config."""
+    arch = name.partition(":")[2] if isinstance(name, str) and name.startswith(TORCHVISION + ":") else None
+    if arch is not None or is_torchvision(model):
+        return torchvision_data_config(model, arch)
     from timm.data import resolve_data_config
 
     return resolve_data_config(model=model)
+
+
+def torchvision_data_config(model: nn.Module, arch: str | None) -> dict[str, Any]:
+    """The eval transform of torchvision builder ``arch``'s default weights (read from
+    torchvision's weights table; nothing is downloaded), as timm's transform config.
+
+    Classification: the weights' crop and resize (``crop_pct`` = crop / resize),
+    interpolation, mean and std. Segmentation: the weights' resize side as a square input,
+    mean and std. Detection (whose weights name no transform, the model normalises
+    itself): the model's own ``transform.image_mean``/``image_std`` at
+    ``models.DENSE_INPUT_SIZE``. Without a weights entry: ImageNet's mean and std at the
+    model's default input size."""
+    transform = _default_transform(arch)
+    c, h, w = input_size(model)
+    crop, resize = getattr(transform, "crop_size", None), getattr(transform, "resize_size", None)
+    if crop:
+        h = w = crop[0]
+        crop_pct = crop[0] / resize[0] if resize else 1.0
+    elif resize and is_dense(model):
+        h = w = resize[0]  # segmentation: the short side is resized to this, kept square here
+        crop_pct = 1.0
+    else:
+        crop_pct = 1.0 if is_dense(model) else 0.875
+    own = getattr(model, "transform", None)  # detection's GeneralizedRCNNTransform normalises inside
+    mean = getattr(transform, "mean", None) or getattr(own, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(transform, "std", None) or getattr(own, "image_std", None) or IMAGENET_STD
+    interpolation = getattr(getattr(transform, "interpolation", None), "value", "bilinear")
+    return {
+        "input_size": (c, h, w),
+        "interpolation": interpolation,
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
+
+
+def _default_transform(arch: str | None) -> Any:
+    """The eval transform of ``arch``'s default weights entry (built from torchvision's table,
+    no download), or None where the builder has none."""
+    if arch is None:
+        return None
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return weights.transforms()
 
 
 class ImageFiles(Dataset):
@@ -159,11 +242,13 @@ def calibration_batches(
     batch_size: int = 16,
     seed: int = 0,
     files: list[Path] | None = None,
+    name: str | None = None,
 ) -> tuple[list[torch.Tensor], str]:
     """``count`` calibration inputs in batches, and a description of where they came from.
 
     From folder ``data`` (whose ``image_files`` may be passed as ``files``): a seeded
-    random choice of ``count`` images (all if fewer). Without it: seeded standard-normal
+    random choice of ``count`` images (all if fewer), transformed by ``data_config(model,
+    name)`` (``name``: the model's name, which finds a torchvision builder's weights). Without it: seeded standard-normal
     inputs at the model's default input size, which match the statistics of normalised
     images only roughly.
     """
@@ -174,7 +259,7 @@ def calibration_batches(
         what = f"synthetic: {count} Gaussian-noise inputs of {'x'.join(map(str, shape))} (no calibration images given)"
         return list(x.split(batch_size)), what
     files = files if files is not None else image_files(data)
-    config = data_config(model)
+    config = data_config(model, name)
     if len(files) > count:
         files = [files[i] for i in sorted(torch.randperm(len(files), generator=gen)[:count].tolist())]
     dataset = ImageFiles(files, config)

@@ -4,6 +4,11 @@ Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs 
 multiply-add of convolutions and matrix products (elementwise work such as pooling,
 gates and the channel rescale is not counted, as in timm's cards); we print MACs =
 FLOPs / 2. On the meta device the count costs no compute.
+
+torchvision's detection models cannot be counted whole (their postprocessing needs data:
+``nonzero`` on the meta device); for them, and any torchvision detection or segmentation
+model whose forward fails, the backbone (``data.feature_path``) is counted instead, at
+``models.DENSE_INPUT_SIZE``, and the count says so (its scope names the backbone).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .data import feature_path
 from .errors import summary
 from .models import input_size
 
@@ -41,3 +47,18 @@ def count_macs_or_reason(
         for m, mode in training.items():
             m.training = mode
     return counter.get_total_flops() // 2, None
+
+
+def count_macs_scoped(
+    model: nn.Module, size: tuple[int, int, int] | None = None
+) -> tuple[int | None, str | None, str]:
+    """``(MACs, why not, scope)``: those of the whole model (scope ''), or, where a torchvision
+    detection or segmentation model cannot be counted whole, those of its backbone (scope:
+    the backbone's path, e.g. ``backbone.body``) at the model's input size."""
+    macs, why = count_macs_or_reason(model, size)
+    path = feature_path(model)
+    if macs is None and path:
+        backbone, _ = count_macs_or_reason(model.get_submodule(path), size or input_size(model))
+        if backbone is not None:
+            return backbone, None, path
+    return macs, why, ""

@@ -2,7 +2,11 @@
 
 The loss is the KL divergence between the teacher's and the student's softened logits
 (times T^2, as in Hinton et al.), plus optionally the mean squared difference of
-their ``forward_features`` maps. Only the chosen parameters train: the new ECA
+their feature maps (a timm model's ``forward_features``; a torchvision classifier's input
+to its ``avgpool``). torchvision's detection and segmentation models are distilled on
+their backbone alone (``data.feature_path``, where the SE blocks live): the loss is the
+mean over the backbone's feature maps of their mean squared difference, and only the
+backbone trains; ``temperature`` and ``feature_weight`` do not apply to them. Only the chosen parameters train: the new ECA
 kernels (``eca``), those and every normalisation layer, whose running statistics also
 update (``norm``), or everything (``all``). AdamW at a constant learning rate.
 
@@ -37,7 +41,7 @@ from torch import nn
 
 from .checkpoint import Patched, open_patched, write_checkpoint
 from .choices import MAX_WORKERS, Train, choice
-from .data import ImageFiles, data_config, image_files, training_batches
+from .data import ImageFiles, data_config, feature_path, image_files, is_torchvision, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
 from .models import build_with_weights, check_seed, input_size
 from .outputs import check_file_output, check_outputs_apart, clean_outputs, written_together
@@ -172,6 +176,23 @@ def select_trainable(model: nn.Module, eca_paths: list[str], train: str) -> list
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+# What heal compares: the feature maps and the logits (None for a backbone, which has none)
+Distilled = tuple[list[torch.Tensor], torch.Tensor | None]
+
+
+def _only_under(model: nn.Module, path: str, trainable: list[str]) -> list[str]:
+    """Freeze every parameter of ``model`` outside ``path`` ('' : none) and return the
+    ``trainable`` names left: heal distils a detection or segmentation model's backbone
+    alone, so nothing else gets a gradient."""
+    if not path:
+        return trainable
+    inside = [n for n in trainable if n.startswith(path + ".")]
+    for name, p in model.named_parameters():
+        if not name.startswith(path + "."):
+            p.requires_grad_(False)
+    return inside
+
+
 class _FeaturesAndLogits(nn.Module):
     """Run a timm classifier as ``forward_features`` then ``forward_head``, returning both."""
 
@@ -179,20 +200,72 @@ class _FeaturesAndLogits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Distilled:
         features = self.model.forward_features(x)
-        return features, self.model.forward_head(features)
+        return [features], self.model.forward_head(features)
+
+
+class _PooledAndLogits(nn.Module):
+    """Run a torchvision classifier, returning the map its ``avgpool`` takes (none if it has no
+    ``avgpool`` or ``features`` is False) and its logits."""
+
+    def __init__(self, model: nn.Module, features: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> Distilled:
+        maps: list[torch.Tensor] = []
+        pool = self.model._modules.get("avgpool") if self.features else None
+        hook = pool.register_forward_pre_hook(lambda m, a: maps.append(a[0])) if pool is not None else None
+        try:
+            logits = self.model(x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return maps, logits
+
+
+class _BackboneMaps(nn.Module):
+    """Run a torchvision detection or segmentation model's backbone, returning its feature maps."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> Distilled:
+        out = self.backbone(x)
+        return list(out.values()) if isinstance(out, dict) else [out], None
+
+
+def distilled(model: nn.Module, feature_weight: float = 0.0) -> nn.Module:
+    """``model`` as heal runs it, giving (feature maps, logits): a timm classifier's
+    ``forward_features`` and logits; a torchvision classifier's pre-pool map (with
+    ``feature_weight``) and logits; a torchvision detection or segmentation model's
+    backbone feature maps, without logits."""
+    path = feature_path(model)
+    if path:
+        return _BackboneMaps(model.get_submodule(path))
+    if is_torchvision(model):
+        if feature_weight and not isinstance(model._modules.get("avgpool"), nn.Module):
+            raise SurgeryError(
+                f"`feature_weight` distils the map a classifier pools, but torchvision's "
+                f"{type(model).__name__} has no `avgpool` module to take it from; distil its logits alone "
+                "(`feature_weight=0`)."
+            )
+        return _PooledAndLogits(model, bool(feature_weight))
+    return _FeaturesAndLogits(model)
 
 
 def distillation_loss(
-    student: tuple[torch.Tensor, torch.Tensor],
-    teacher: tuple[torch.Tensor, torch.Tensor],
-    temperature: float,
-    feature_weight: float,
+    student: Distilled, teacher: Distilled, temperature: float, feature_weight: float
 ) -> torch.Tensor:
     """KL(teacher || student) on logits softened by ``temperature``, times T^2, plus
-    ``feature_weight`` times the MSE of the feature maps."""
-    (s_feat, s_logits), (t_feat, t_logits) = student, teacher
+    ``feature_weight`` times the MSE of the feature maps; without logits (a backbone), the
+    mean over the feature maps of their MSE."""
+    (s_maps, s_logits), (t_maps, t_logits) = student, teacher
+    if s_logits is None or t_logits is None:
+        return _maps_mse(s_maps, t_maps)
     t = temperature
     loss = F.kl_div(
         F.log_softmax(s_logits.float() / t, 1),
@@ -201,15 +274,21 @@ def distillation_loss(
         reduction="batchmean",
     ) * (t * t)
     if feature_weight:
-        loss = loss + feature_weight * F.mse_loss(s_feat.float(), t_feat.float())
+        loss = loss + feature_weight * _maps_mse(s_maps, t_maps)
     return loss
+
+
+def _maps_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over paired feature maps of their mean squared difference."""
+    losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(losses).mean()
 
 
 def build_teacher(
     name: str, checkpoint: str | Path | None, model_kwargs: dict[str, Any]
 ) -> tuple[nn.Module, str]:
-    """The original model with its trained weights: from ``checkpoint``, else timm's
-    pretrained weights from the Hugging Face cache."""
+    """The original model with its trained weights: from ``checkpoint``, else the library's
+    pretrained weights (timm's from the Hugging Face cache, torchvision's from the hub cache)."""
     from .weights import pretrained_file
 
     if checkpoint is not None:
@@ -276,7 +355,7 @@ def prepare_heal(
     the resume point, build the teacher, choose what trains, and make the optimizer (with a
     resumed run's state) and the batches. Nothing is written; :func:`train` runs it.
 
-    The teacher is ``teacher`` (a timm name) with ``teacher_checkpoint``'s weights, by
+    The teacher is ``teacher`` (a timm name or ``torchvision:NAME``) with ``teacher_checkpoint``'s weights, by
     default the model and source weights ``patched_path`` records. ``resume`` continues
     the run that wrote ``output``; ``force`` replaces an existing ``output``;
     ``save_every`` also writes it every that many steps; ``device`` (default: the GPU if
@@ -295,17 +374,18 @@ def prepare_heal(
     _check_per_step(settings, len(files) // world)
     student = patched.model.to(dev)
     trainable = select_trainable(student, [e.eca_path for e in patched.plan.edits], settings.train)
+    trainable = _only_under(student, feature_path(student), trainable)
     optimizer = _optimizer(student, settings, opt_state, output)
     history.update(settings=settings.to_dict(), trainable=len(trainable))
     start = history["step"] if resume else 0
-    dataset = ImageFiles(files, data_config(student))
+    dataset = ImageFiles(files, data_config(student, patched.model_name))
     batches = training_batches(
         dataset, settings.batch_size, settings.seed, start, rank, world, workers, dev.type == "cuda"
     )
-    net: nn.Module = _FeaturesAndLogits(student)
+    net: nn.Module = distilled(student, settings.feature_weight)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    teacher_net = _FeaturesAndLogits(t_model.to(dev))
+    teacher_net = distilled(t_model.to(dev), settings.feature_weight)
     return HealRun(
         patched, settings, output, history, start, resume, dev, net, teacher_net, optimizer, batches,
         trainable, save_every, rank, world, leftovers,
@@ -359,7 +439,8 @@ def _teacher_model(
     checkpoint: str | Path | None,
 ) -> tuple[nn.Module, str]:
     """The teacher the heal record names and where its weights came from: ``checkpoint``,
-    the weights a resumed run began with, the file ``patched`` was converted from, or timm's."""
+    the weights a resumed run began with, the file ``patched`` was converted from, or the
+    library's pretrained weights."""
     name = history["teacher"]
     if checkpoint is None and "teacher_weights" in history and Path(history["teacher_weights"]).is_file():
         checkpoint = history["teacher_weights"]  # resuming: the teacher the run began with
@@ -437,7 +518,7 @@ def _train_step(
         target = run.teacher(x)
     out = run.net(x)
     if step == run.start:
-        _check_logits(out[1], target[1])
+        _check_outputs_match(out, target)
     loss = distillation_loss(out, target, s.temperature, s.feature_weight)
     value = float(loss.detach())
     if not math.isfinite(value):
@@ -533,9 +614,10 @@ def _diverged(step: int, what: str, lr: float, saved: int | None, output: Path) 
 
 def _source_file(patched: Patched, path: str | Path) -> Path | None:
     """The weights file ``patched`` was converted from, if it still exists; None for
-    timm's pretrained weights; an error for a model converted from random weights."""
+    timm's or torchvision's pretrained weights; an error for a model converted from random
+    weights."""
     source = patched.record.provenance.source
-    if source.startswith("timm pretrained"):
+    if source.startswith(("timm pretrained", "torchvision pretrained")):
         return None
     if source and Path(source).is_file():
         return Path(source)
@@ -574,23 +656,32 @@ def _stop_requests():
 
 
 def _check_classifier(model: nn.Module, what: str) -> None:
+    """Refuse a model heal cannot distil: neither a timm classifier nor a torchvision model."""
+    if is_torchvision(model):
+        return
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        if type(model).__module__.startswith("torchvision."):
-            raise SurgeryError(
-                f"heal distils a timm classifier's logits, but {what} holds a torchvision model "
-                f"({type(model).__name__}), which heal does not take yet. Heal a timm model's checkpoint."
-            )
         raise SurgeryError(
             f"heal distils a classifier's logits, but {what} is not a timm classifier (a features_only "
             "model?). Heal the classifier checkpoint, then build features from it."
         )
 
 
-def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    if student.dim() != 2 or student.shape != teacher.shape:
+def _check_outputs_match(student: Distilled, teacher: Distilled) -> None:
+    """Refuse a teacher whose logits (or, for a backbone, feature maps) differ in shape."""
+    (s_maps, s_logits), (t_maps, t_logits) = student, teacher
+    s_shapes, t_shapes = [tuple(m.shape) for m in s_maps], [tuple(m.shape) for m in t_maps]
+    if s_logits is None or t_logits is None or s_shapes != t_shapes:
+        if s_logits is not t_logits or s_shapes != t_shapes:
+            raise SurgeryError(
+                f"heal distils the feature maps {s_shapes} of the patched model, but the teacher gives "
+                f"{t_shapes}{'' if t_logits is None else ' and logits'}; pass the teacher the patched model "
+                "was converted from."
+            )
+        return
+    if s_logits.dim() != 2 or s_logits.shape != t_logits.shape:
         raise SurgeryError(
-            f"heal distils logits, but the patched model gives {tuple(student.shape)} and the teacher "
-            f"{tuple(teacher.shape)}; pass the teacher the patched model was converted from."
+            f"heal distils logits, but the patched model gives {tuple(s_logits.shape)} and the teacher "
+            f"{tuple(t_logits.shape)}; pass the teacher the patched model was converted from."
         )
 
 

@@ -12,6 +12,12 @@ sigmoid ECA), the target is the ECA gate's inverse of the SE's gate output inste
 ``identity``: inserted ECA blocks get a zero kernel and the ``double_sigmoid`` gate
 (``2 * sigmoid``), so the patched model computes exactly the original function until
 it is trained.
+
+What runs on the calibration inputs is the whole model, except for torchvision's detection
+and segmentation models, where it is their backbone (``data.feature_path``): the SE blocks
+live there, and the full models take lists of images and end in postprocessing. Their
+fidelity compares the backbone's feature maps, all of them flattened and concatenated per
+sample (one cosine and one worst difference over every map).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import feature_path
 from .detect import find_adapter, find_se_blocks
 from .errors import SurgeryError
 from .plan import GATE_NAMES, Edit, Plan
@@ -196,10 +203,12 @@ def zero_kernels(model: nn.Module, edits: list[Edit]) -> None:
 
 @torch.no_grad()
 def run(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor | list:
-    """``model``'s outputs on ``batches``, concatenated on the CPU in float32 (per feature
-    map for a model that returns several)."""
+    """``model``'s outputs on ``batches`` (its backbone's, for a torchvision detection or
+    segmentation model: see ``data.feature_path``), concatenated on the CPU in float32 (per
+    feature map for a model that returns several)."""
     ref = next(model.parameters())
-    outs = [model(x.to(ref.device, ref.dtype)) for x in batches]
+    net = model.get_submodule(feature_path(model))
+    outs = [net(x.to(ref.device, ref.dtype)) for x in batches]
     if isinstance(outs[0], torch.Tensor):
         return torch.cat([o.float().cpu() for o in outs])
     outs = [list(o.values()) if isinstance(o, dict) else list(o) for o in outs]

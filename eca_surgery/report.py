@@ -160,8 +160,10 @@ def render_totals(console: Console, report: dict[str, Any]) -> None:
         f"({_signed(report['params_delta'])}, {report['params_delta_pct']:+.2f}%)"
     )
     if report.get("macs_before") is not None and report.get("macs_after") is not None:
+        scope = report.get("macs_scope")
+        of = f" of the backbone {scope} (the whole model cannot be counted)" if scope else ""
         console.print(
-            f"GMACs at {'x'.join(map(str, report['input_size']))}: {report['macs_before'] / 1e9:.3f} -> "
+            f"GMACs{of} at {'x'.join(map(str, report['input_size']))}: {report['macs_before'] / 1e9:.3f} -> "
             f"{report['macs_after'] / 1e9:.3f} (multiply-adds of convs and matmuls; FLOPs = 2 x MACs)"
         )
     elif report.get("macs_error"):

@@ -23,7 +23,7 @@ from .choices import Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .errors import CheckpointError, SurgeryError
-from .flops import count_macs_or_reason
+from .flops import count_macs_scoped
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
     TIMM,
@@ -146,14 +146,18 @@ def dtype_of(model: nn.Module) -> str:
 def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
     """Apply ``plan`` to ``meta_model`` (pass a model you no longer need) and, with
     ``count``, return the MACs at the default input size before and after, counted on
-    the meta device. Where counting fails, ``macs_error`` says why."""
-    before, why = count_macs_or_reason(meta_model) if count else (None, None)
+    the meta device. Where counting fails, ``macs_error`` says why; where only the backbone
+    of a detection model could be counted, ``macs_scope`` names it (see ``flops``)."""
+    before, why, scope = count_macs_scoped(meta_model) if count else (None, None, "")
     if plan is not None and plan.edits:
         apply_plan(meta_model, plan)
     if not count:
         return {}
-    after, why_after = count_macs_or_reason(meta_model) if plan is not None and plan.edits else (before, why)
+    edited = plan is not None and plan.edits
+    after, why_after, scope_after = count_macs_scoped(meta_model) if edited else (before, why, scope)
     report = {"input_size": list(input_size(meta_model)), "macs_before": before, "macs_after": after}
+    if scope or scope_after:
+        report["macs_scope"] = scope or scope_after
     if why or why_after:
         report["macs_error"] = why or why_after
     return report
@@ -494,7 +498,7 @@ def _start_kernels(model: nn.Module, job: _Job) -> dict[str, Any]:
         apply_plan(model, job.plan)
         return {"method": job.init.value}
     batches, described = calibration_batches(
-        model, job.calib_data, job.calib_size, seed=job.seed, files=job.files
+        model, job.calib_data, job.calib_size, seed=job.seed, files=job.files, name=job.origin.name
     )
     return _initialise(model, job.plan, job.init, batches) | {"calibration": described}
 

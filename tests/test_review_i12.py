@@ -92,10 +92,9 @@ def test_register_se_callable_that_raises_is_a_clean_error(what: str, exc: Excep
         unregister_se(SE)
 
 
-def test_heal_names_a_torchvision_checkpoint_as_such() -> None:
-    """heal does not take torchvision models yet: say so, not 'a features_only model?'."""
+def test_heal_takes_a_torchvision_checkpoint() -> None:
+    """heal takes torchvision models now (tests/test_torchvision_heal.py heals them), not
+    refused as 'a features_only model?'."""
     from eca_surgery.healing import _check_classifier
 
-    model = create_model("torchvision:mobilenet_v3_small", meta=True)
-    with pytest.raises(SurgeryError, match="torchvision model .MobileNetV3., which heal does not take"):
-        _check_classifier(model, "'x.safetensors'")
+    _check_classifier(create_model("torchvision:mobilenet_v3_small", meta=True), "'x.safetensors'")
