@@ -500,12 +500,17 @@ DataOpt = Annotated[
 HealOutputOpt = Annotated[str, typer.Option("--output", "-o", help="Where to write the healed checkpoint.")]
 TeacherOpt = Annotated[
     Optional[str],
-    typer.Option(help="timm name of the original model (default: the one PATCHED was converted from)."),
+    typer.Option(
+        help="The original model, as a timm name or torchvision:NAME (default: the one PATCHED was "
+        "converted from)."
+    ),
 ]
 TeacherCheckpointOpt = Annotated[
     Optional[Path],
     typer.Option(
-        "--teacher-checkpoint", help="The teacher's weights (default: timm's pretrained weights, cached)."
+        "--teacher-checkpoint",
+        help="The teacher's weights (default: those PATCHED was converted from, else the cached "
+        "pretrained weights).",
     ),
 ]
 StepsOpt = Annotated[

@@ -193,6 +193,20 @@ def _only_under(model: nn.Module, path: str, trainable: list[str]) -> list[str]:
     return inside
 
 
+def _backbone_holding(patched: Patched, student: nn.Module) -> str:
+    """The part of ``student`` heal distils (``data.feature_path``); a SurgeryError where an
+    ECA lies outside it (a detection or segmentation head): no loss would ever train it."""
+    path = feature_path(student)
+    outside = [e.eca_path for e in patched.plan.edits if path and not e.eca_path.startswith(path + ".")]
+    if outside:
+        raise SurgeryError(
+            f"heal distils the feature maps of {patched.model_name}'s backbone ({path!r}), but the ECA "
+            f"at {outside[0]!r} lies outside it, where that loss cannot train it. Convert with ECA "
+            "inside the backbone only (the eca-after-stages or eca-backbone-end recipes place it there)."
+        )
+    return path
+
+
 class _FeaturesAndLogits(nn.Module):
     """Run a timm classifier as ``forward_features`` then ``forward_head``, returning both."""
 
@@ -374,7 +388,7 @@ def prepare_heal(
     _check_per_step(settings, len(files) // world)
     student = patched.model.to(dev)
     trainable = select_trainable(student, [e.eca_path for e in patched.plan.edits], settings.train)
-    trainable = _only_under(student, feature_path(student), trainable)
+    trainable = _only_under(student, _backbone_holding(patched, student), trainable)
     optimizer = _optimizer(student, settings, opt_state, output)
     history.update(settings=settings.to_dict(), trainable=len(trainable))
     start = history["step"] if resume else 0

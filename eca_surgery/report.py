@@ -235,7 +235,7 @@ def _scan_cells(r: dict[str, Any]) -> list[str]:
         f"{r['params_after'] / 1e6:.2f}",
         f"{r['saving'] / 1e6:.3f}",
         f"{r['saving_pct']:.1f}",
-        _gmacs(r["macs_before"]),
+        _gmacs(r["macs_before"]) + (" (backbone)" if r.get("macs_scope") else ""),
         _gmacs(r["macs_after"]),
     ]
 
@@ -245,7 +245,7 @@ def _scan_table(rows: list[list[str]], drop: int, model_width: int = 30):
     from rich.table import Table
 
     keep = [i for i, (_, _, order) in enumerate(SCAN_COLUMNS) if not (0 < order <= drop)]
-    table = Table(title="SE blocks in timm models and SE-to-ECA savings", title_justify="left")
+    table = Table(title="SE blocks and SE-to-ECA savings", title_justify="left")
     total = len(keep) + 1  # the borders
     for i in keep:
         header, justify, _ = SCAN_COLUMNS[i]

@@ -29,6 +29,7 @@ class ScanRow:
     macs_before: int | None
     macs_after: int | None
     unknown_se_like: list[str] = field(default_factory=list)
+    macs_scope: str = ""  # the backbone counted where the model could not be counted whole
 
     @property
     def saving(self) -> int:
@@ -87,6 +88,7 @@ def scan_model(name: str, flops: bool = True) -> ScanRow | None:
         macs["macs_before"],
         macs["macs_after"],
         unknown,
+        macs.get("macs_scope", ""),
     )
 
 

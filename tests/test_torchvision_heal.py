@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run_ok
+from cli_helpers import run_fail, run_ok
 from heal_inputs import noise_images
 from randomised import randomise_
 from safetensors import safe_open
@@ -156,3 +156,17 @@ def test_identity_init_keeps_a_segmentation_backbone_exactly(images, tmp_path):
     assert conv.init["edits"] == ["backbone.6", "backbone.12"]
     assert conv.init["fidelity"]["max_abs_diff"] == 0.0  # the backbone's maps, bit for bit
     assert conv.init["calibration"].endswith("at 3x520x520")
+
+
+def test_heal_refuses_an_eca_outside_a_segmentation_backbone(images, tmp_path):
+    """heal distils the backbone's maps: an ECA in the head would never train, so it is refused."""
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text(
+        "version: 1\nrules:\n  - action: insert\n    where: after\n    select:\n      path: ['classifier.cbr']\n"
+    )
+    checkpoint = source_checkpoint(tmp_path, SEGMENTER)
+    patched = convert(SEGMENTER, recipe, checkpoint=checkpoint).save(tmp_path / "p.safetensors")
+    message = run_fail(
+        ["heal", str(patched), "--data", str(images), "-o", str(tmp_path / "h.safetensors")], tmp_path
+    )
+    assert "the ECA at 'classifier.cbr.eca' lies outside it" in message
