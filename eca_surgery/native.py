@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .card import ModelCard
 from .checkpoint import safetensors_io_errors, tensor_bytes
 from .edits import Gate
 from .errors import CheckpointError, SurgeryError
@@ -153,10 +154,15 @@ def check_exportable(model: nn.Module, state_dict: dict[str, torch.Tensor], name
 
 
 def save_timm_dir(
-    native: dict, state_dict: dict[str, torch.Tensor], path: str | Path, force: bool = False
+    native: dict,
+    state_dict: dict[str, torch.Tensor],
+    path: str | Path,
+    force: bool = False,
+    card: ModelCard | None = None,
 ) -> Path:
-    """Write ``path`` as a timm / Hugging Face model folder (config.json + model.safetensors)
-    that ``timm.create_model('local-dir:PATH', pretrained=True)`` loads with plain timm.
+    """Write ``path`` as a timm / Hugging Face model folder (config.json + model.safetensors,
+    and the model ``card`` as README.md) that ``timm.create_model('local-dir:PATH',
+    pretrained=True)`` loads with plain timm.
 
     The folder is written beside ``path`` under a temporary name, marked as this tool's
     export and renamed into place; only an earlier export (or an empty folder) is replaced.
@@ -172,5 +178,7 @@ def save_timm_dir(
     def write(tmp: Path) -> None:
         with safetensors_io_errors():
             save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+        if card is not None:
+            (tmp / "README.md").write_text(card.to_markdown(), encoding="utf-8")
 
     return atomic_write_dir(path, write, force, EXPORT_KIND, size)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .apply import apply_plan
+from .card import ModelCard, source_license, timm_loading
 from .checkpoint import model_on_meta
 from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
 from .choices import Init, choice
@@ -128,7 +129,22 @@ class Conversion:
             raise SurgeryError(NOT_BY_NAME.format(model=self.plan.model))
         if self.native is None:
             raise SurgeryError(NOT_NATIVE.format(model=self.plan.model))
-        return save_timm_dir(self.native, self.model.state_dict(), path, force)
+        return save_timm_dir(self.native, self.model.state_dict(), path, force, self.card(Path(path).name))
+
+    def card(self, folder: str) -> ModelCard:
+        """The model card of this conversion, for a folder named ``folder``."""
+        from . import __version__
+
+        return ModelCard(
+            self.plan,
+            self.source,
+            timm_loading(folder),
+            macs=self.macs,
+            init=self.init,
+            dtype=self.dtype,
+            license=source_license(self.model, self.source),
+            version=__version__,
+        )
 
     def _check_weights(self) -> None:
         if self.dry_run:

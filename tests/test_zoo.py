@@ -77,7 +77,7 @@ def test_timm_dir_export_loads_in_plain_timm(tmp_path):
     )
     assert report["timm_native"] == {"model": "seresnet18", "kwargs": {"block_args": {"attn_layer": "eca"}}}
     assert sorted(p.name for p in tdir.iterdir()) == sorted(
-        ["config.json", "model.safetensors", ".eca-surgery-export"]
+        ["config.json", "model.safetensors", "README.md", ".eca-surgery-export"]
     )
     # the export holds exactly the -o file's tensors, and every source tensor outside the SE blocks
     exported, converted = load_file(tdir / "model.safetensors"), load_file(out)
