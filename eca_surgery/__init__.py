@@ -3,7 +3,8 @@
 The public API is the names in ``__all__``: convert a model (``convert``), save and
 reload it (``Conversion.save``, ``load_patched``), check a file (``verify``), heal it
 (``heal``), and the layers below (``load_recipe``, ``make_plan``, ``apply_plan``) with
-their records and errors. The package's top level imports neither torch nor timm, so
+their records and errors; export a checkpoint for deployment with a parity proof
+(``export_checkpoint``). The package's top level imports neither torch nor timm, so
 the CLI starts fast: each name loads its module on first use.
 """
 
@@ -23,6 +24,9 @@ _LAZY = {
     "load_patched": "checkpoint",
     "open_patched": "checkpoint",
     "save_patched": "checkpoint",
+    "export_checkpoint": "export",
+    "export_onnx": "export",
+    "export_program": "export",
     # layers: recipe -> plan -> apply
     "load_recipe": "recipe",
     "parse_recipe": "recipe",
@@ -45,6 +49,10 @@ _LAZY = {
     "CheckpointRecord": "checkpoint",
     "Provenance": "checkpoint",
     "Versions": "checkpoint",
+    "ExportOptions": "export",
+    "ExportResult": "export",
+    "FormatResult": "export",
+    "ParityRow": "export",
     "Plan": "plan",
     "Edit": "edits",
     "Position": "edits",
@@ -62,6 +70,8 @@ _LAZY = {
     "RecipeError": "errors",
     "CheckpointError": "errors",
     "StoppedBySignal": "errors",
+    "ExportError": "export",
+    "ParityError": "export",
 }
 
 __all__ = [
@@ -73,6 +83,9 @@ __all__ = [
     "load_patched",
     "open_patched",
     "save_patched",
+    "export_checkpoint",
+    "export_onnx",
+    "export_program",
     "load_recipe",
     "parse_recipe",
     "bundled_recipes",
@@ -93,6 +106,10 @@ __all__ = [
     "CheckpointRecord",
     "Provenance",
     "Versions",
+    "ExportOptions",
+    "ExportResult",
+    "FormatResult",
+    "ParityRow",
     "Plan",
     "Edit",
     "Position",
@@ -109,6 +126,8 @@ __all__ = [
     "RecipeError",
     "CheckpointError",
     "StoppedBySignal",
+    "ExportError",
+    "ParityError",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
@@ -127,6 +146,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .eca import eca_kernel_size, make_eca
     from .edits import Edit, Gate, Position
     from .errors import CheckpointError, RecipeError, StoppedBySignal, SurgeryError
+    from .export import (
+        ExportError,
+        ExportOptions,
+        ExportResult,
+        FormatResult,
+        ParityError,
+        ParityRow,
+        export_checkpoint,
+        export_onnx,
+        export_program,
+    )
     from .healing import HealResult, HealSettings, heal
     from .native import find_native
     from .plan import Plan, count_params, make_plan

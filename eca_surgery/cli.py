@@ -240,6 +240,13 @@ FLAGS = {
     "save_every": "--save-every",
     "device": "--device",
     "workers": "--workers",
+    "onnx": "--onnx",
+    "torch_export": "--torch-export",
+    "static": "--static",
+    "input_size": "--input-size",
+    "opset": "--opset",
+    "atol": "--atol",
+    "legacy": "--legacy",
 }
 
 
@@ -609,6 +616,75 @@ def _heal_progress(steps: int) -> Iterator[Callable[[int, int, float, float], No
             progress.update(task, completed=step, loss=loss, speed=speed)
 
         yield on_step
+
+
+OnnxOpt = Annotated[
+    Optional[str],
+    typer.Option("--onnx", help="Write an ONNX file here (dynamo exporter), checked in ONNX Runtime."),
+]
+TorchExportOpt = Annotated[
+    Optional[str],
+    typer.Option("--torch-export", help="Write a torch.export program here (.pt2), reloaded and checked."),
+]
+StaticOpt = Annotated[
+    bool,
+    typer.Option("--static", help="A fixed input shape (batch 1) instead of dynamic batch/height/width."),
+]
+InputSizeOpt = Annotated[
+    Optional[str], typer.Option("--input-size", help="Input size to trace at, CxHxW (default: the model's).")
+]
+OpsetOpt = Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")]
+AtolOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--atol", help="Largest absolute difference accepted (default 1e-4 ONNX, 1e-5 torch.export)."
+    ),
+]
+LegacyOpt = Annotated[
+    bool, typer.Option("--legacy", help="If the dynamo ONNX exporter fails, use the TorchScript one.")
+]
+
+
+def _parse_size(text: str | None) -> tuple[int, ...] | None:
+    """``--input-size`` 3x224x224 as a tuple of integers (checked by the library)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SurgeryError(f"--input-size {text!r} is not CxHxW, e.g. 3x224x224.") from None
+
+
+@app.command()
+def export(
+    path: PatchedArg,
+    onnx: OnnxOpt = None,
+    torch_export: TorchExportOpt = None,
+    static: StaticOpt = False,
+    input_size: InputSizeOpt = None,
+    opset: OpsetOpt = None,
+    atol: AtolOpt = None,
+    legacy: LegacyOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export PATCHED to ONNX and/or torch.export, and prove each file computes what the model does."""
+    if onnx is None and torch_export is None:  # a usage error: exit code 2
+        raise typer.BadParameter("give --onnx OUT.onnx and/or --torch-export OUT.pt2.", param_hint="export")
+    from .export import ExportOptions, ParityError, export_checkpoint
+    from .export_report import render_export, render_format
+
+    options = ExportOptions(
+        static=static, input_size=_parse_size(input_size), opset=opset, atol=atol, legacy=legacy, force=force
+    )
+    try:
+        result = export_checkpoint(
+            path, onnx=_file_path(onnx), torch_export=_file_path(torch_export), options=options
+        )
+    except ParityError as exc:  # show the figures that made it fail, then the error
+        render_format(err, exc.result.to_dict())
+        raise
+    _show(result.to_dict(), json_out, render_export)
 
 
 recipe_app = _Typer(help="Check recipes and print the recipe format's JSON Schema.", no_args_is_help=True)
