@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .choices import DType, choice
 from .edits import Edit
 from .errors import CheckpointError, SurgeryError, summary
 from .jsontext import loads_strict
@@ -149,6 +150,7 @@ class CheckpointRecord:
     provenance: Provenance = field(default_factory=Provenance)
     versions: Versions = field(default_factory=Versions)
     params_recorded: int | None = field(default=None, compare=False)
+    dtype: str | None = None  # the one floating dtype of the file's tensors (None: mixed, or not recorded)
 
     @classmethod
     def of(
@@ -184,6 +186,7 @@ class CheckpointRecord:
             "params_after": str(plan.params_after),
             **self.provenance.to_metadata(),
             **self.versions.to_metadata(),
+            **({"dtype": self.dtype} if self.dtype is not None else {}),
         }
 
     @classmethod
@@ -200,9 +203,11 @@ class CheckpointRecord:
         try:
             plan = _stored_plan(metadata, name.removeprefix(MODULE_PREFIX), recipe)
             provenance = Provenance.from_metadata(metadata)
+            dtype = _dtype(metadata)
         except (KeyError, TypeError, ValueError) as exc:
             raise _damaged(path, exc) from None
-        return cls(name, kwargs, plan, provenance, Versions.from_metadata(metadata), plan.params_after)
+        versions = Versions.from_metadata(metadata)
+        return cls(name, kwargs, plan, provenance, versions, plan.params_after, dtype)
 
     def with_heal(self, heal: dict[str, Any]) -> CheckpointRecord:
         """This record with ``heal`` as its heal record."""
@@ -228,6 +233,38 @@ class Patched:
     @property
     def model_kwargs(self) -> dict[str, Any]:
         return self.record.model_kwargs
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype(metadata: dict[str, str]) -> str | None:
+    """The recorded dtype (files before 0.3.0 record none); ValueError for an unknown one."""
+    dtype = metadata.get("dtype")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"its dtype is {str(dtype)[:40]!r}, not one of {', '.join(FLOAT_DTYPES)}")
+    return dtype
+
+
+def uniform_dtype(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The one floating dtype of ``tensors`` (e.g. ``float16``), or None if they mix several."""
+    found = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+    return found.pop() if len(found) == 1 and found <= set(FLOAT_DTYPES) else None
+
+
+def check_dtype(record: CheckpointRecord, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError unless every floating tensor in the file has the recorded dtype."""
+    if record.dtype is None:
+        return
+    other = [
+        k for k, t in tensors.items() if t.is_floating_point() and str(t.dtype) != f"torch.{record.dtype}"
+    ]
+    if other:
+        found = str(tensors[other[0]].dtype).removeprefix("torch.")
+        raise CheckpointError(
+            f"{what} records dtype {record.dtype}, but {len(other)} of its tensors are not (e.g. {other[0]}, "
+            f"{found}): the file was changed after it was written. Convert the model again."
+        )
 
 
 def _json(value: Any) -> str:
@@ -497,14 +534,19 @@ def write_checkpoint(
     record: CheckpointRecord,
     force: bool = False,
     original: nn.Module | None = None,
+    dtype: DType | str | None = None,
 ) -> Path:
-    """Write ``model``'s state_dict with ``record`` (stamped with the current versions) as
-    metadata to ``path`` atomically, after checking that the metadata rebuilds exactly these
-    tensors (from ``original``, the unpatched module, for a ``module:`` record)."""
+    """Write ``model``'s state_dict with ``record`` (stamped with the current versions and
+    the tensors' dtype) as metadata to ``path`` atomically, its floating tensors cast to
+    ``dtype`` if given, after checking that the metadata rebuilds exactly these tensors
+    (from ``original``, the unpatched module, for a ``module:`` record)."""
     state_dict = model.state_dict()
     check_has_data(state_dict, "The model to save")
     tensors = _unshared(state_dict)
-    record = replace(record, versions=Versions.current())
+    if dtype is not None:
+        cast = getattr(torch, choice(DType, dtype, "dtype").value)
+        tensors = {k: t.to(cast) if t.is_floating_point() else t for k, t in tensors.items()}
+    record = replace(record, versions=Versions.current(), dtype=uniform_dtype(tensors))
     check_rebuildable(tensors, record, original)
     metadata = record.to_metadata()
     return atomic_write_file(
@@ -617,6 +659,7 @@ def open_patched(path: str | Path, model: nn.Module | None = None) -> Patched:
     record = CheckpointRecord.from_metadata(metadata, path)
     what = f"Checkpoint {str(path)!r}"
     check_tensors(tensors, what)
+    check_dtype(record, tensors, what)
     if model is not None and model_on_meta(model) and not has_only_persistent_state(model):
         raise CheckpointError(
             f"{what}: the `model` passed is on the meta device but has buffers a state_dict does not hold "
@@ -625,6 +668,8 @@ def open_patched(path: str | Path, model: nn.Module | None = None) -> Patched:
     model = rebuild(record, what, model=model)
     check_matches(model, tensors, what, f"{record.model} patched by its edits")
     load_into(model, tensors)
+    if record.dtype is not None:  # a model passed in was filled by copy, in its own dtype
+        model.to(getattr(torch, record.dtype))
     model.eval()
     return Patched(model, record, metadata)
 

@@ -1,5 +1,5 @@
 """The choices the API's options take, as enums (how new kernels start, what heal trains,
-how scan orders its rows), and the bounds the CLI states in its signatures too.
+how scan orders its rows, the dtype of a written file), and the bounds the CLI states in its signatures too.
 
 They are plain ``str`` enums (``Init.FIT_SE == "fit-se"``), so a notebook user may pass
 the string, and this module imports neither torch nor timm, so the CLI can use them in its
@@ -50,6 +50,16 @@ class ScanSource(str, Enum):
 
     TIMM = "timm"  # timm.list_models()
     TORCHVISION = "torchvision"  # torchvision.models.list_models(), named torchvision:NAME
+
+    __str__ = str.__str__
+
+
+class DType(str, Enum):
+    """The floating dtype a written file stores its weights in."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
 
     __str__ = str.__str__
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .choices import MAX_WORKERS, Init, ScanSource, Sort, Train
+from .choices import MAX_WORKERS, DType, Init, ScanSource, Sort, Train
 from .errors import StoppedBySignal, SurgeryError, with_flags
 from .jsontext import loads_strict
 
@@ -130,6 +130,14 @@ TimmDirOpt = Annotated[
         "--timm-dir",
         help="Also write a timm/Hugging Face folder (config.json + model.safetensors) that plain "
         "timm loads with create_model('local-dir:DIR', pretrained=True).",
+    ),
+]
+DTypeOpt = Annotated[
+    Optional[DType],
+    typer.Option(
+        "--dtype",
+        help="Store the weights as float32, float16 or bfloat16 (default: the dtype they have).",
+        show_default=False,
     ),
 ]
 InitOpt = Annotated[
@@ -240,6 +248,7 @@ FLAGS = {
     "save_every": "--save-every",
     "device": "--device",
     "workers": "--workers",
+    "dtype": "--dtype",
     "onnx": "--onnx",
     "torch_export": "--torch-export",
     "static": "--static",
@@ -405,6 +414,7 @@ def convert(
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     model_arg: ModelArgOpt = None,
+    dtype: DTypeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Convert MODEL as the recipe says, check a forward pass, and save a safetensors checkpoint."""
@@ -437,6 +447,7 @@ def convert(
         init=init,
         calib_data=calib_data,
         calib_size=calib_size,
+        dtype=dtype,
         **kwargs,
     )
     _print_notes(leftover_notes(result.leftovers) + convert_notes(result))
@@ -560,6 +571,7 @@ def heal(
     device: DeviceOpt = None,
     workers: WorkersOpt = 0,
     force: ForceOpt = False,
+    dtype: DTypeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Distil the original model into a patched one on unlabelled images, training only what --train says."""
@@ -575,6 +587,7 @@ def heal(
         temperature=temperature,
         feature_weight=feature_weight,
         seed=seed,
+        dtype=dtype,
     )
     output = _file_path(output)
     with _heal_progress(steps) as on_step:
@@ -666,6 +679,7 @@ def export(
     atol: AtolOpt = None,
     legacy: LegacyOpt = False,
     force: ForceOpt = False,
+    dtype: DTypeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export PATCHED to ONNX and/or torch.export, and prove each file computes what the model does."""
@@ -674,9 +688,8 @@ def export(
     from .export import ExportOptions, ParityError, export_checkpoint
     from .export_report import render_export, render_format
 
-    options = ExportOptions(
-        static=static, input_size=_parse_size(input_size), opset=opset, atol=atol, legacy=legacy, force=force
-    )
+    size = _parse_size(input_size)
+    options = ExportOptions(static, size, opset, atol, legacy, force, dtype=dtype)
     try:
         result = export_checkpoint(
             path, onnx=_file_path(onnx), torch_export=_file_path(torch_export), options=options

@@ -26,10 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import DType, choice
 from .errors import CheckpointError, SurgeryError, summary
 
 ONNX_ATOL = 1e-4  # ONNX Runtime against PyTorch, fp32: kernels differ (fused, reordered sums)
 PROGRAM_ATOL = 1e-5  # a reloaded torch.export program runs the same ATen kernels
+# in half precision (about 3 significant digits for float16, 2 for bfloat16), for outputs of order 1
+HALF_ATOL = {
+    "onnx": {torch.float16: 1e-2, torch.bfloat16: 5e-2},
+    "torch.export": {torch.float16: 1e-3, torch.bfloat16: 1e-2},
+}
+
+
+def default_atol(fmt: str, model: nn.Module) -> float:
+    """The tolerance a format gets without ``atol``: the fp32 one, or the half-precision one
+    for a model in float16 or bfloat16."""
+    from .models import float_dtype
+
+    half = HALF_ATOL[fmt].get(float_dtype(model))
+    return half if half is not None else (ONNX_ATOL if fmt == "onnx" else PROGRAM_ATOL)
+
+
 ONNX_EXTRA = "pip install 'eca-surgery[onnx]'"
 AXES = {0: "batch", 2: "height", 3: "width"}
 TRACE_BATCH = 2  # torch.export specialises a dimension traced at size 1, so the trace uses 2
@@ -64,6 +81,7 @@ class ExportOptions:
     legacy: bool = False
     force: bool = False
     seed: int = 0
+    dtype: DType | str | None = None  # cast the model (and so the files) to this dtype first
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,7 @@ def export_checkpoint(
     options = options or ExportOptions()
     _check_request(path, onnx, torch_export, options)
     patched = _open(path, model)
+    _cast(patched.model, options.dtype, onnx is not None)
     size = _input_size(patched.model, options)
     traced = _trace(patched.model, size, options.static, need=torch_export is not None or not options.legacy)
     results: list[FormatResult] = []
@@ -184,6 +203,21 @@ def export_checkpoint(
         if torch_export is not None:
             results.append(_write_program(patched.model, size, traced, Path(torch_export), options))
     return ExportResult(str(path), patched.model_name, size, options.static, tuple(results))
+
+
+def _cast(model: nn.Module, dtype: DType | str | None, onnx: bool) -> None:
+    """Cast ``model`` to ``dtype`` (if given); an ExportError for ONNX in bfloat16, which
+    ONNX's Conv does not take."""
+    from .models import float_dtype
+
+    if dtype is not None:
+        model.to(getattr(torch, choice(DType, dtype, "dtype").value))
+    if onnx and float_dtype(model) == torch.bfloat16:
+        raise ExportError(
+            "ONNX has no bfloat16 convolution (its Conv takes float16, float32 and float64), so a bfloat16 "
+            "model cannot be exported to ONNX. Export it with `dtype='float16'` or `'float32'` for ONNX, "
+            "or keep bfloat16 with `torch_export`."
+        )
 
 
 def _check_request(
@@ -445,7 +479,7 @@ def _write_onnx(
         opset = _check_onnx(onnx, tmp, path)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        atol = options.atol if options.atol is not None else ONNX_ATOL
+        atol = options.atol if options.atol is not None else default_atol("onnx", model)
 
         def run(x: torch.Tensor) -> list[Any]:
             return session.run(None, {name: x.numpy()})
@@ -543,7 +577,7 @@ def _write_program(
         seconds = traced.seconds + time.perf_counter() - start  # the trace is the export
         with _quiet(), open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
-        atol = options.atol if options.atol is not None else PROGRAM_ATOL
+        atol = options.atol if options.atol is not None else default_atol("torch.export", model)
 
         def run(x: torch.Tensor) -> list[torch.Tensor]:
             from .checks import outputs

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Patched, open_patched, write_checkpoint
-from .choices import MAX_WORKERS, Train, choice
+from .choices import MAX_WORKERS, DType, Train, choice
 from .data import ImageFiles, data_config, feature_path, image_files, is_torchvision, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
-from .models import build_with_weights, check_seed, input_size
+from .models import build_with_weights, check_seed, dtype_of, float_dtype, input_size
 from .outputs import check_file_output, check_outputs_apart, clean_outputs, written_together
 from .paths import stat_input
 from .resume import check_resumable, load_optimizer, resume_point, state_path, write_state
@@ -67,9 +67,14 @@ class HealSettings:
     feature_weight: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
+    dtype: DType | None = (
+        None  # of the healed file (None: that of the patched file); training runs in float32
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", choice(Train, self.train, "train"))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", choice(DType, self.dtype, "dtype"))
         self.check()
 
     def check(self) -> None:
@@ -90,7 +95,7 @@ class HealSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON values, as the heal record holds them."""
-        return asdict(self) | {"train": self.train.value}
+        return asdict(self) | {"train": self.train.value, "dtype": self.dtype and self.dtype.value}
 
 
 @dataclass
@@ -116,7 +121,8 @@ class HealResult:
         ``load_patched`` loads; its optimizer state stays with the run's own output)."""
         if self.history is None:
             raise SurgeryError("This heal result has no saved step yet; train it before saving it.")
-        return write_checkpoint(self.model, path, self.patched.record.with_heal(self.history), force)
+        record = self.patched.record.with_heal(self.history)
+        return write_checkpoint(self.model, path, record, force, dtype=self.settings.dtype)
 
 
 @dataclass
@@ -386,7 +392,8 @@ def prepare_heal(
         patched, patched_path, history, teacher, teacher_checkpoint
     )
     _check_per_step(settings, len(files) // world)
-    student = patched.model.to(dev)
+    settings = replace(settings, dtype=settings.dtype or dtype_of(patched.model))
+    student = _for_training(patched.model).to(dev)
     trainable = select_trainable(student, [e.eca_path for e in patched.plan.edits], settings.train)
     trainable = _only_under(student, _backbone_holding(patched, student), trainable)
     optimizer = _optimizer(student, settings, opt_state, output)
@@ -399,11 +406,17 @@ def prepare_heal(
     net: nn.Module = distilled(student, settings.feature_weight)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    teacher_net = distilled(t_model.to(dev), settings.feature_weight)
+    teacher_net = distilled(_for_training(t_model).to(dev), settings.feature_weight)
     return HealRun(
         patched, settings, output, history, start, resume, dev, net, teacher_net, optimizer, batches,
         trainable, save_every, rank, world, leftovers,
     )  # fmt: skip
+
+
+def _for_training(model: nn.Module) -> nn.Module:
+    """``model`` in float32 if it is in half precision (float16, bfloat16): the loss, the
+    gradients and AdamW's steps are then taken at full precision, as the input batches are."""
+    return model.float() if float_dtype(model) in (torch.float16, torch.bfloat16) else model
 
 
 def _origin(

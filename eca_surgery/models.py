@@ -448,6 +448,11 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def dtype_of(model: nn.Module) -> str:
+    """The dtype of ``model``'s first floating parameter, e.g. ``float16``."""
+    return str(float_dtype(model)).removeprefix("torch.")
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """The model's default (C, H, W) input size: H and W from its timm pretrained config
     (else 224, or :data:`DENSE_INPUT_SIZE` for torchvision's detection and segmentation

@@ -407,12 +407,13 @@ def render_wrote(console: Console, path: str) -> None:
 def verify_report(patched: Patched, check: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """What ``verify`` found: the plan the file was patched by, its dtype, the check, and
     the versions that wrote it."""
-    from .surgery import dtype_of
+    from .models import dtype_of
 
     report = plan_to_dict(patched.plan)
     report.update(
         file=str(path),
         dtype=dtype_of(patched.model),
+        dtype_recorded=patched.record.dtype,
         check=check,
         versions=asdict(patched.record.versions),
     )

@@ -20,7 +20,7 @@ from .apply import apply_plan
 from .card import ModelCard, source_license, timm_loading
 from .checkpoint import model_on_meta
 from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
-from .choices import Init, choice
+from .choices import DType, Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .errors import CheckpointError, SurgeryError
@@ -33,7 +33,7 @@ from .models import (
     check_fits,
     check_seed,
     create_model,
-    float_dtype,
+    dtype_of,
     input_size,
     meta_copy,
     resolve_name,
@@ -154,11 +154,6 @@ class Conversion:
             )
 
 
-def dtype_of(model: nn.Module) -> str:
-    """The dtype of ``model``'s first floating parameter, e.g. ``float16``."""
-    return str(float_dtype(model)).removeprefix("torch.")
-
-
 def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = True) -> dict[str, Any]:
     """Apply ``plan`` to ``meta_model`` (pass a model you no longer need) and, with
     ``count``, return the MACs at the default input size before and after, counted on
@@ -250,6 +245,16 @@ class _Outputs:
     output: Path | None
     timm_dir: Path | None
     force: bool
+    dtype: DType | None = None  # the converted model's dtype, cast before writing
+
+    @classmethod
+    def of(
+        cls, output: str | Path | None, timm_dir: str | Path | None, force: bool, dtype: object
+    ) -> _Outputs:
+        """The outputs ``convert`` was given, ``dtype`` checked (a SurgeryError naming the choices)."""
+        return cls(
+            _path(output), _path(timm_dir), force, None if dtype is None else choice(DType, dtype, "dtype")
+        )
 
     def check(self, size: int | None = None) -> None:
         """Refuse outputs that may not be written (see ``outputs``); ``size``: bytes needed."""
@@ -274,10 +279,26 @@ class _Outputs:
         return removed
 
     def write(self, result: Conversion) -> None:
+        """Cast the converted model to ``dtype`` (if given) and write the outputs."""
+        if self.dtype is not None:
+            result.model.to(getattr(torch, self.dtype.value))
+            if result.check is not None:  # checked again in the dtype it is written in
+                result.check = _check_in_dtype(result.model, self.dtype)
         if self.output is not None:
             result.output = result.save(self.output, force=self.force)
         if self.timm_dir is not None:
             result.timm_dir = result.save_timm_dir(self.timm_dir, force=self.force)
+
+
+def _check_in_dtype(model: nn.Module, dtype: DType) -> dict[str, Any]:
+    """The forward check of ``model`` cast to ``dtype``; a SurgeryError if it overflows there."""
+    try:
+        return forward_check(model, sample_input(model, 0))
+    except SurgeryError:
+        raise SurgeryError(
+            f"In {dtype.value} the converted model's output has NaN or infinite values (its weights or "
+            "activations leave that dtype's range); nothing was written. Keep float32, or try bfloat16."
+        ) from None
 
 
 @dataclass
@@ -317,33 +338,34 @@ def convert(
     output: str | Path | None = None,
     timm_dir: str | Path | None = None,
     force: bool = False,
+    dtype: DType | str | None = None,
     **model_kwargs: Any,
 ) -> Conversion:
     """Load the source model, plan the recipe, apply it, check a forward pass, and write
     ``output`` (an eca-surgery checkpoint) and/or ``timm_dir`` (a folder plain timm loads).
 
-    ``model``: a timm name (built with ``model_kwargs``) or any ``nn.Module``, never changed: a
-    deep copy is patched (no kwargs, ``pretrained``, ``timm_dir``; see ``load_patched(model=)``).
-    Source weights: ``checkpoint`` (safetensors, or a state_dict read with
-    ``weights_only=True``; assigned to a meta-device build, nothing initialised twice),
-    timm's cached ``pretrained`` weights, or else timm's random initialisation;
-    ``strict=False`` loads what fits and reports the rest. The outputs are checked before
-    any work (existing ones need ``force``; none may be an input; with ``timm_dir`` the
-    plan must be one timm builds itself) and written atomically at the end; without
-    them, save later with ``Conversion.save`` / ``Conversion.save_timm_dir``.
+    ``model``: a timm or ``torchvision:`` name (built with ``model_kwargs``) or any ``nn.Module``,
+    never changed: a deep copy is patched (no kwargs, ``pretrained``, ``timm_dir``). Source
+    weights: ``checkpoint`` (safetensors, or a state_dict read with ``weights_only=True``,
+    assigned to a meta-device build), the cached ``pretrained`` weights, or else a random
+    init; ``strict=False`` loads what fits and reports the rest. The outputs are checked
+    before any work (existing ones need ``force``; none may be an input; ``timm_dir`` needs
+    a plan timm builds itself) and written atomically at the end (or later, with
+    ``Conversion.save``/``save_timm_dir``); ``dtype`` (float32, float16, bfloat16) casts
+    the converted model, and so its files, at the end.
 
     ``check`` compares the output shape at the default input size on a meta-device twin
     and runs the patched model on a small real input for finite values; ``flops`` counts
     MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
     ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the
-    new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a least-squares fit to the SE blocks they replace (``fit-se``) or, for
-    inserted blocks, the identity (``identity``); the last two run the model on
+    new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a
+    least-squares fit to the SE blocks they replace (``fit-se``) or, for inserted blocks,
+    the identity (``identity``); the last two run the model on
     ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
     ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
     """
-    source = _source(model, model_kwargs, timm_dir)
-    recipe = as_recipe(recipe)
-    outputs = _Outputs(_path(output), _path(timm_dir), force)
+    source, recipe = _source(model, model_kwargs, timm_dir), as_recipe(recipe)
+    outputs = _Outputs.of(output, timm_dir, force, dtype)
     inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
     leftovers = outputs.check_before_work(inputs) if not dry_run else []
     job = _prepare(
@@ -353,7 +375,6 @@ def convert(
         job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
     if not dry_run:
         outputs.check(size=2 * job.plan.params_after)  # a lower bound: 2 bytes a parameter
-    _check_calibration_channels(job)
     result = _plan_only(job, flops, timm_native) if dry_run else _convert(job, check, flops, timm_native)
     result.leftovers = leftovers
     if not dry_run:
@@ -406,7 +427,9 @@ def _prepare(
     meta = _build(source, meta=True).eval()
     plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
-    return _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
+    job = _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
+    _check_calibration_channels(job)
+    return job
 
 
 def _check_has_weights(source: Source, filled: bool) -> None:
