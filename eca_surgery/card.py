@@ -35,11 +35,12 @@ class ModelCard:
     dtype: str = "float32"
     license: str | None = None
     version: str = ""
+    task: str = "image-classification"  # the hub's pipeline tag
 
     def front_matter(self) -> dict[str, Any]:
         """The card's YAML metadata (license only where known)."""
-        tags = ["image-classification", "timm", "eca", "eca-surgery"]
-        meta: dict[str, Any] = {"library_name": self.library, "tags": tags}
+        tags = [self.task, *(["timm"] if self.library == "timm" else []), "eca", "eca-surgery"]
+        meta: dict[str, Any] = {"library_name": self.library, "pipeline_tag": self.task, "tags": tags}
         if self.license:
             meta["license"] = self.license
         return meta
@@ -116,6 +117,29 @@ def timm_loading(folder: str) -> str:
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)\n'
         '# once uploaded to the hub: timm.create_model("hf-hub:USER/REPO", pretrained=True)'
     )
+
+
+def hub_loading(folder: str, versions: dict[str, str | None]) -> str:
+    """The code that loads an eca-surgery checkpoint folder, with the versions that wrote it."""
+    pins = " ".join(f'"{k.replace("_", "-")}=={v}"' for k, v in versions.items() if v)
+    return (
+        f"# written by: pip install {pins}\n"
+        "from eca_surgery import load_patched\n\n"
+        f'model = load_patched("{folder}/model.safetensors")  # rebuilt from the file, loaded strictly\n'
+        "# once uploaded to the hub:\n"
+        "# from huggingface_hub import hf_hub_download\n"
+        '# model = load_patched(hf_hub_download("USER/REPO", "model.safetensors"))'
+    )
+
+
+def task_of(model: Any) -> str:
+    """The hub's pipeline tag for ``model``: detection, segmentation or classification."""
+    package = type(model).__module__
+    if package.startswith("torchvision.models.detection"):
+        return "object-detection"
+    if package.startswith("torchvision.models.segmentation"):
+        return "image-segmentation"
+    return "image-classification"
 
 
 def _change(position: str, path: str, old_class: str) -> str:

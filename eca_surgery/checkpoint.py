@@ -540,6 +540,19 @@ def write_checkpoint(
     the tensors' dtype) as metadata to ``path`` atomically, its floating tensors cast to
     ``dtype`` if given, after checking that the metadata rebuilds exactly these tensors
     (from ``original``, the unpatched module, for a ``module:`` record)."""
+    tensors, metadata = checkpoint_contents(model, record, original, dtype)
+    return atomic_write_file(
+        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
+    )
+
+
+def checkpoint_contents(
+    model: nn.Module,
+    record: CheckpointRecord,
+    original: nn.Module | None = None,
+    dtype: DType | str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`write_checkpoint` writes, checked (see there)."""
     state_dict = model.state_dict()
     check_has_data(state_dict, "The model to save")
     tensors = _unshared(state_dict)
@@ -548,10 +561,7 @@ def write_checkpoint(
         tensors = {k: t.to(cast) if t.is_floating_point() else t for k, t in tensors.items()}
     record = replace(record, versions=Versions.current(), dtype=uniform_dtype(tensors))
     check_rebuildable(tensors, record, original)
-    metadata = record.to_metadata()
-    return atomic_write_file(
-        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
-    )
+    return tensors, record.to_metadata()
 
 
 def save_patched(

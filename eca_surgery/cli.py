@@ -249,6 +249,7 @@ FLAGS = {
     "device": "--device",
     "workers": "--workers",
     "dtype": "--dtype",
+    "hub_dir": "--hub-dir",
     "onnx": "--onnx",
     "torch_export": "--torch-export",
     "static": "--static",
@@ -639,6 +640,13 @@ TorchExportOpt = Annotated[
     Optional[str],
     typer.Option("--torch-export", help="Write a torch.export program here (.pt2), reloaded and checked."),
 ]
+HubDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--hub-dir",
+        help="Write a Hugging Face hub folder here: the checkpoint and a model card with its loading code.",
+    ),
+]
 StaticOpt = Annotated[
     bool,
     typer.Option("--static", help="A fixed input shape (batch 1) instead of dynamic batch/height/width."),
@@ -673,6 +681,7 @@ def export(
     path: PatchedArg,
     onnx: OnnxOpt = None,
     torch_export: TorchExportOpt = None,
+    hub_dir: HubDirOpt = None,
     static: StaticOpt = False,
     input_size: InputSizeOpt = None,
     opset: OpsetOpt = None,
@@ -683,8 +692,10 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export PATCHED to ONNX and/or torch.export, and prove each file computes what the model does."""
-    if onnx is None and torch_export is None:  # a usage error: exit code 2
-        raise typer.BadParameter("give --onnx OUT.onnx and/or --torch-export OUT.pt2.", param_hint="export")
+    if onnx is None and torch_export is None and hub_dir is None:  # a usage error: exit code 2
+        raise typer.BadParameter(
+            "give --onnx OUT.onnx, --torch-export OUT.pt2 and/or --hub-dir DIR.", param_hint="export"
+        )
     from .export import ExportOptions, ParityError, export_checkpoint
     from .export_report import render_export, render_format
 
@@ -692,7 +703,11 @@ def export(
     options = ExportOptions(static, size, opset, atol, legacy, force, dtype=dtype)
     try:
         result = export_checkpoint(
-            path, onnx=_file_path(onnx), torch_export=_file_path(torch_export), options=options
+            path,
+            onnx=_file_path(onnx),
+            torch_export=_file_path(torch_export),
+            hub_dir=hub_dir,
+            options=options,
         )
     except ParityError as exc:  # show the figures that made it fail, then the error
         render_format(err, exc.result.to_dict())

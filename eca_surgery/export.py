@@ -138,9 +138,10 @@ class ExportResult:
 
     checkpoint: str
     model: str
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, int, int] | None  # None: no file traced (a hub folder only)
     static: bool
     formats: tuple[FormatResult, ...] = field(default_factory=tuple)
+    hub_dir: str | None = None  # the hub folder written (checkpoint and model card), if asked
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report (``export --json``)."""
@@ -179,30 +180,38 @@ def export_checkpoint(
     *,
     onnx: str | Path | None = None,
     torch_export: str | Path | None = None,
+    hub_dir: str | Path | None = None,
     options: ExportOptions | None = None,
     model: nn.Module | None = None,
 ) -> ExportResult:
     """Export the patched checkpoint ``path`` (any file eca-surgery wrote) to ONNX (``onnx``)
     and/or a torch.export program (``torch_export``), each checked against the PyTorch model
-    on several inputs; see the module docstring. Outputs are checked before any work and
-    written atomically together at the end, or neither (a parity failure raises
-    :class:`ParityError`). ``model``: a fresh, unpatched build, for a file saved from a module
-    object (see ``open_patched``)."""
+    on several inputs (see the module docstring), and/or a Hugging Face hub folder
+    (``hub_dir``: the checkpoint and a model card with its loading code, see ``hub``).
+    Outputs are checked before any work and written atomically together at the end, or
+    neither (a parity failure raises :class:`ParityError`). ``model``: a fresh, unpatched
+    build, for a file saved from a module object (see ``open_patched``)."""
+    from .hub import save_hub_dir
     from .outputs import written_together
 
     options = options or ExportOptions()
-    _check_request(path, onnx, torch_export, options)
+    _check_request(path, onnx, torch_export, hub_dir, options)
     patched = _open(path, model)
     _cast(patched.model, options.dtype, onnx is not None)
-    size = _input_size(patched.model, options)
-    traced = _trace(patched.model, size, options.static, need=torch_export is not None or not options.legacy)
+    size = traced = None
+    if onnx is not None or torch_export is not None:
+        size = _input_size(patched.model, options)
+        traced = _trace(
+            patched.model, size, options.static, need=torch_export is not None or not options.legacy
+        )
     results: list[FormatResult] = []
     with written_together():
         if onnx is not None:
             results.append(_write_onnx(patched.model, size, traced, Path(onnx), options))
         if torch_export is not None:
             results.append(_write_program(patched.model, size, traced, Path(torch_export), options))
-    return ExportResult(str(path), patched.model_name, size, options.static, tuple(results))
+        hub = str(save_hub_dir(patched, hub_dir, options.force)) if hub_dir is not None else None
+    return ExportResult(str(path), patched.model_name, size, options.static, tuple(results), hub)
 
 
 def _cast(model: nn.Module, dtype: DType | str | None, onnx: bool) -> None:
@@ -221,23 +230,33 @@ def _cast(model: nn.Module, dtype: DType | str | None, onnx: bool) -> None:
 
 
 def _check_request(
-    path: str | Path, onnx: str | Path | None, torch_export: str | Path | None, options: ExportOptions
+    path: str | Path,
+    onnx: str | Path | None,
+    torch_export: str | Path | None,
+    hub_dir: str | Path | None,
+    options: ExportOptions,
 ) -> None:
     """Refuse, before any work, a request without an output, bad options, outputs that may
     not be written, and ONNX without its packages."""
+    from .hub import check_hub_dir
     from .outputs import check_file_output, check_outputs_apart
 
-    if onnx is None and torch_export is None:
+    if onnx is None and torch_export is None and hub_dir is None:
         raise ExportError(
-            "Nothing to export: give `onnx` (an .onnx path) and/or `torch_export` (a .pt2 path)."
+            "Nothing to export: give `onnx` (an .onnx path), `torch_export` (a .pt2 path) and/or "
+            "`hub_dir` (a folder)."
         )
+    if hub_dir is not None:
+        check_hub_dir(hub_dir, options.force)
     if options.atol is not None and not (math.isfinite(options.atol) and options.atol > 0):
         raise ExportError(f"`atol` must be a positive number, not {options.atol!r}.")
     if options.opset is not None and not 7 <= options.opset <= 30:
         raise ExportError(f"`opset` {options.opset} is not an ONNX opset version; use e.g. 18 (7 to 30).")
     if options.input_size is not None:
         check_size(options.input_size)
-    check_outputs_apart({"onnx": onnx, "torch_export": torch_export}, {"checkpoint": path})
+    check_outputs_apart(
+        {"onnx": onnx, "torch_export": torch_export, "hub_dir": hub_dir}, {"checkpoint": path}
+    )
     for output in (onnx, torch_export):
         if output is not None:
             check_file_output(output, options.force)

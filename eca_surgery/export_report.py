@@ -47,8 +47,12 @@ def render_format(console: Console, fmt: dict[str, Any]) -> None:
 
 def render_export(console: Console, report: dict[str, Any]) -> None:
     """Every exported file of an ``ExportResult.to_dict()`` and where it was written."""
-    size = "x".join(map(str, report["input_size"]))
-    console.print(f"{escape(report['model'])} from {escape(report['checkpoint'])}, traced at {size}")
+    traced = f", traced at {'x'.join(map(str, report['input_size']))}" if report["input_size"] else ""
+    console.print(f"{escape(report['model'])} from {escape(report['checkpoint'])}{traced}")
     for fmt in report["formats"]:
         render_format(console, fmt)
         console.print(f"Wrote [bold]{escape(fmt['path'])}[/]")
+    if report.get("hub_dir"):
+        console.print(
+            f"Wrote [bold]{escape(report['hub_dir'])}[/] (model.safetensors and its model card, README.md)"
+        )

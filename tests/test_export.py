@@ -96,7 +96,7 @@ def test_torch_export_round_trip(both, seresnet):
 
 def test_json_keys(both):
     report, _ = both
-    assert set(report) == {"checkpoint", "model", "input_size", "static", "formats", "ok"}
+    assert set(report) == {"checkpoint", "model", "input_size", "static", "formats", "hub_dir", "ok"}
     assert report["model"] == "seresnet18" and report["input_size"] == [3, 64, 64] and report["ok"]
     keys = {"format", "path", "exporter", "opset", "seconds", "dynamic", "atol", "rows", "notes", "ok"}
     assert all(set(f) == keys for f in report["formats"])

@@ -5,11 +5,17 @@ and the loading code; and text from files or users cannot break its layout."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
+import timm
+import torch
 import yaml
-from cli_helpers import run_ok
+from cli_helpers import run_fail, run_ok
+from randomised import assert_same_tensors, randomise_
 
-from eca_surgery import convert
+from eca_surgery import SurgeryError, convert, export_checkpoint, load_patched
 from eca_surgery.card import ModelCard, source_license, timm_loading
 
 
@@ -76,3 +82,32 @@ def test_text_from_files_cannot_break_the_card():
     assert text.count("\n---\n") == 1  # the source cannot close the front matter early
     assert "`evil'name \\| with pipes --- license: stolen`" in body
     assert "3 steps of distillation from" in body
+
+
+def _python_block(card: str) -> str:
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("name", ["torchvision:mobilenet_v3_small", "mobilenetv3_small_050"])
+def test_a_hub_folder_holds_the_checkpoint_and_a_card_whose_code_loads_it(name, tmp_path):
+    patched = convert(name, "se-to-eca").save(tmp_path / "p.safetensors")
+    report = json.loads(run_ok(["export", str(patched), "--hub-dir", str(tmp_path / "hub"), "--json"]))
+    assert report["hub_dir"] == str(tmp_path / "hub") and report["formats"] == []
+    card = (tmp_path / "hub" / "README.md").read_text(encoding="utf-8")
+    meta, body = _split(card)
+    assert meta["library_name"] == "eca-surgery" and meta["pipeline_tag"] == "image-classification"
+    code = _python_block(card)
+    assert "pip install" in code and ("torchvision==" in code) == name.startswith("torchvision:")
+    script = code + "\nimport torch\ntorch.save(model.state_dict(), 'sd.pt')\n"
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    assert_same_tensors(load_patched(patched).state_dict(), torch.load(tmp_path / "sd.pt"))
+    message = run_fail(["export", str(patched), "--hub-dir", str(tmp_path / "hub")], tmp_path)
+    assert "already exists" in message or "--force" in message
+
+
+def test_a_hub_folder_of_a_module_object_is_refused(tmp_path):
+    net = randomise_(timm.create_model("seresnet18"))
+    path = convert(net, "se-to-eca").save(tmp_path / "m.safetensors")
+    with pytest.raises(SurgeryError, match="a hub folder cannot carry that code"):
+        export_checkpoint(path, hub_dir=tmp_path / "hub", model=timm.create_model("seresnet18"))
+    assert not (tmp_path / "hub").exists()
