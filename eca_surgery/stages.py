@@ -18,10 +18,9 @@ from itertools import groupby
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, summary
 from .locate import backbone_path, stage_paths
-from .models import input_size
-from .probe import eval_mode
+from .probe import eval_mode, zero_image
 
 
 @dataclass(frozen=True)
@@ -72,17 +71,14 @@ def _trace(model: nn.Module, root: str) -> list[_Call]:
         path = f"{prefix}{name}" if name else root
         handles.append(module.register_forward_pre_hook(partial(enter, path), with_kwargs=True))
         handles.append(module.register_forward_hook(partial(leave, path)))
-    ref = next(model.parameters(), None)
-    device = ref.device if ref is not None else None
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-    x = torch.zeros(1, *input_size(model), device=device, dtype=dtype)
+    x = zero_image(model)
     try:
         with torch.no_grad(), eval_mode(model):
             top(x)
     except Exception as exc:  # a model that cannot run on this input has no traced stages
         raise SurgeryError(
             f"Cannot trace the stages of {type(model).__name__}: running "
-            f"{root or 'the model'} on a zero image of size {tuple(x.shape)} failed ({exc}). "
+            f"{root or 'the model'} on a zero image of size {tuple(x.shape)} failed ({summary(exc)}). "
             "Select modules by 'path', 'regex' or 'class' instead."
         ) from None
     finally:
