@@ -153,3 +153,11 @@ def test_a_model_without_parameters_is_traced_counted_and_refused_cleanly():
     assert inspect(NoParameters()).params == 0
     with pytest.raises(SurgeryError, match="has no parameters"):
         convert(NoParameters(), _insert("pool"), flops=False)
+
+
+def test_backbone_end_of_a_features_only_timm_model_is_its_last_returned_map():
+    # taken for a model without forward_features, it got the last feature_info stage
+    # (blocks.6), which runs after the last map it returns (blocks.2): an ECA no output sees
+    args = ["inspect", "efficientnet_b0", "--out-indices", "1,2", "-r", "eca-backbone-end", "--json"]
+    report = json.loads(run_ok(args))
+    assert [e["eca_path"] for e in report["edits"]] == ["blocks.2.eca"]
