@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .data import feature_path
 from .errors import summary
 from .models import input_size
+from .probe import zero_image
 
 
 def count_macs(model: nn.Module, size: tuple[int, int, int] | None = None) -> int | None:
@@ -33,8 +34,7 @@ def count_macs_or_reason(
     model: nn.Module, size: tuple[int, int, int] | None = None
 ) -> tuple[int | None, str | None]:
     """``(MACs, None)``, or ``(None, why)`` where the model could not be run to count them."""
-    ref = next(model.parameters())
-    x = torch.empty(1, *(size or input_size(model)), device=ref.device, dtype=ref.dtype)
+    x = zero_image(model, size)
     training = {m: m.training for m in model.modules()}
     model.eval()
     counter = FlopCounterMode(display=False)

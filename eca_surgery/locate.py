@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .models import DENSE_PACKAGES
+
 ATTN_SLOTS = ("se", "attn", "attention", "se_module")
 
 
@@ -30,10 +32,13 @@ def _resolve(model: nn.Module, name: str) -> str | None:
 
 
 def backbone_path(model: nn.Module) -> str:
-    """The path of the model's feature extractor: ``backbone.body`` (torchvision's
-    BackboneWithFPN), ``backbone`` (segmentation models, SSD), else '' (the model itself)."""
+    """The path of the feature extractor of a torchvision detection or segmentation model
+    (a subclass included): ``backbone.body`` (torchvision's BackboneWithFPN), ``backbone``
+    (segmentation models, SSD); else '' (the model itself). A user's own model with a
+    ``backbone`` attribute gets '': nothing says that module takes the model's images."""
     backbone = model._modules.get("backbone")
-    if not isinstance(backbone, nn.Module):
+    dense = any(cls.__module__.startswith(DENSE_PACKAGES) for cls in type(model).__mro__)
+    if not dense or not isinstance(backbone, nn.Module):
         return ""
     if isinstance(backbone._modules.get("body"), nn.Module) and isinstance(
         backbone._modules.get("fpn"), nn.Module

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, summary
 from .locate import backbone_path
 from .models import input_size
 
@@ -46,6 +46,18 @@ def _last_tensor(out) -> torch.Tensor | None:
     if isinstance(out, (list, tuple)) and out and isinstance(out[-1], torch.Tensor):
         return out[-1]
     return None
+
+
+def zero_image(model: nn.Module, size: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """A batch of one zero image of ``size`` (default: the model's input size) on the device
+    and in the floating dtype of the model's first parameter or buffer (a model may have
+    neither: CPU, float32)."""
+    ref = next(model.parameters(), None)
+    if ref is None:
+        ref = next(model.buffers(), None)
+    device = ref.device if ref is not None else None
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+    return torch.zeros(1, *(size or input_size(model)), device=device, dtype=dtype)
 
 
 @contextmanager
@@ -109,17 +121,17 @@ def _run(model: nn.Module, x: torch.Tensor, paths: list[str], find_final: bool):
     """One forward pass for the probe: ``forward_features`` to find the final map, only the
     backbone when every path lies in it (a detection model cannot run whole on the meta
     device), else the whole model; a SurgeryError where the model cannot run here."""
-    if find_final and hasattr(model, "forward_features"):
-        return model.forward_features(x)
     root = backbone_path(model)
     inside = root and all(p == root or p.startswith(f"{root}.") for p in paths)
     try:
+        if find_final and hasattr(model, "forward_features"):
+            return model.forward_features(x)
         return model.get_submodule(root)(x) if inside else model(x)
-    except (NotImplementedError, RuntimeError) as exc:
-        where = f" Place ECA inside its backbone ({root!r}) instead." if root else ""
+    except Exception as exc:  # any model object reaches here: its forward may fail in any way
+        where = f" Place ECA inside its backbone ({root!r}) instead." if root and not inside else ""
         raise SurgeryError(
             f"Cannot run {type(model).__name__} on a zero image of size {tuple(x.shape)} "
-            f"to measure the modules a recipe selects ({exc}).{where}"
+            f"to measure the modules a recipe selects ({summary(exc)}).{where}"
         ) from None
 
 
@@ -139,11 +151,15 @@ def probe(
     module to finish whose output is that very tensor. For each module in ``owners``,
     also tell whether its forward would run a child added to it.
     """
+    if next(model.parameters(), None) is None:  # ECA weights are made like the model's own
+        raise SurgeryError(
+            f"{type(model).__name__} has no parameters, so there are no weights to place ECA "
+            "among; pass the model that holds the layers you mean to change."
+        )
     calls: dict[str, Calls] = {p: Calls() for p in [*paths, *slots]}
     finished: list[tuple[str, torch.Tensor]] = []
     handles = []
-    ref = next(model.parameters())
-    x = torch.zeros(1, *input_size(model), device=ref.device, dtype=ref.dtype)
+    x = zero_image(model)
     with eval_mode(model), _slot_probes(model, list(slots)), _child_probes(model, list(owners)) as tracers:
         try:
             for path in calls:

@@ -182,9 +182,10 @@ def _in_blocks(view: ModelView, ref: RuleRef, sel: Selector) -> list[Target]:
 
 def _final_path(view: ModelView, ref: RuleRef) -> str:
     """The module that produces the model's final feature map: for a timm model the one
-    whose output ``forward_features`` returns (found by one probe pass), else the last
+    whose output ``forward_features`` returns, or that gives a features_only model's last
+    map (found by one probe pass; its last stage may run after it, unused), else the last
     traced stage of its backbone."""
-    if hasattr(view.model, "forward_features"):
+    if hasattr(view.model, "forward_features") or is_features_only(view.model):
         final = probe(view.model, [], find_final=True).final
     else:
         final = view.stages[-1] if view.stages else None

@@ -18,10 +18,9 @@ from itertools import groupby
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, summary
 from .locate import backbone_path, stage_paths
-from .models import input_size
-from .probe import eval_mode
+from .probe import eval_mode, zero_image
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,9 @@ def _trace(model: nn.Module, root: str) -> list[_Call]:
     stack: list[int] = []
     handles = []
 
-    def enter(path, module, args):
-        calls.append(_Call(path, stack[-1] if stack else None, args[0] if args else None))
+    def enter(path, module, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)  # `block(x=...)` too
+        calls.append(_Call(path, stack[-1] if stack else None, first))
         stack.append(len(calls) - 1)
 
     def leave(path, module, args, output):
@@ -69,19 +69,16 @@ def _trace(model: nn.Module, root: str) -> list[_Call]:
     prefix = f"{root}." if root else ""
     for name, module in top.named_modules():
         path = f"{prefix}{name}" if name else root
-        handles.append(module.register_forward_pre_hook(partial(enter, path)))
+        handles.append(module.register_forward_pre_hook(partial(enter, path), with_kwargs=True))
         handles.append(module.register_forward_hook(partial(leave, path)))
-    ref = next(model.parameters(), None)
-    device = ref.device if ref is not None else None
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-    x = torch.zeros(1, *input_size(model), device=device, dtype=dtype)
+    x = zero_image(model)
     try:
         with torch.no_grad(), eval_mode(model):
             top(x)
     except Exception as exc:  # a model that cannot run on this input has no traced stages
         raise SurgeryError(
             f"Cannot trace the stages of {type(model).__name__}: running "
-            f"{root or 'the model'} on a zero image of size {tuple(x.shape)} failed ({exc}). "
+            f"{root or 'the model'} on a zero image of size {tuple(x.shape)} failed ({summary(exc)}). "
             "Select modules by 'path', 'regex' or 'class' instead."
         ) from None
     finally:
@@ -109,6 +106,14 @@ def _size(value: object) -> tuple[int, int] | None:
     return None
 
 
+def _feature_size(value: object, image: tuple[int, ...]) -> tuple[int, int] | None:
+    """:func:`_size` of a feature map; None for a map of the image's own shape (a quantizable
+    model's ``QuantStub``, a normalising layer): an ECA there would gate the RGB channels."""
+    if isinstance(value, torch.Tensor) and tuple(value.shape) == image:
+        return None
+    return _size(value)
+
+
 def _flat_chain(calls: list[_Call], index: int) -> list[int]:
     """The main path of call ``index``, with each member that holds whole stages (maps of a
     size other than its input's and output's: MobileNet's ``features``, RegNet's
@@ -128,11 +133,13 @@ def _flat_chain(calls: list[_Call], index: int) -> list[int]:
 def traced_stages(model: nn.Module) -> list[str]:
     """The stages of a model without ``feature_info`` (torchvision's, any CNN): along the main
     path of its backbone (:func:`backbone_path`), the last module of each run of feature maps
-    of one size (NCHW, square, larger than 1x1), found by one pass (free on the meta device)."""
+    of one size (NCHW, square, larger than 1x1, not the image's own shape), found by one
+    pass (free on the meta device)."""
     calls = _trace(model, backbone_path(model))
     runs = Counter(call.path for call in calls)
+    image = tuple(calls[0].input.shape)
     stages = []
-    for size, run in groupby(_flat_chain(calls, 0), key=lambda j: _size(calls[j].output)):
+    for size, run in groupby(_flat_chain(calls, 0), key=lambda j: _feature_size(calls[j].output, image)):
         end = _run_end(calls, runs, list(run)) if size is not None else None
         if end is not None:
             stages.append(calls[end].path)
