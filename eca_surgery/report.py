@@ -384,7 +384,7 @@ def render_convert(console: Console, report: dict[str, Any]) -> None:
         )
     if report["dtype"] != "float32":
         console.print(
-            f"The model keeps the checkpoint's dtype, {report['dtype']}: feed it inputs of that dtype "
+            f"The model is stored in its dtype, {report['dtype']}: feed it inputs of that dtype "
             "(or call .float() on the loaded model)."
         )
     native = report["timm_native"]

@@ -283,7 +283,7 @@ class _Outputs:
         if self.dtype is not None:
             result.model.to(getattr(torch, self.dtype.value))
             if result.check is not None:  # checked again in the dtype it is written in
-                result.check = _check_in_dtype(result.model, self.dtype)
+                result.check = result.check | _check_in_dtype(result.model, self.dtype)
         if self.output is not None:
             result.output = result.save(self.output, force=self.force)
         if self.timm_dir is not None:

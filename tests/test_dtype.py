@@ -37,6 +37,9 @@ def test_a_half_precision_file_is_half_the_size_and_loads_in_that_dtype(source, 
     assert json.loads(run_ok([*base, "-o", str(full)]))["dtype"] == "float32"
     report = json.loads(run_ok([*base, "-o", str(half), "--dtype", dtype]))
     assert report["dtype"] == dtype and report["check"]["dtype"] == dtype  # checked again in that dtype
+    assert f"stored in its dtype, {dtype}" in run_ok(
+        [*base[:-1], "-o", str(tmp_path / "shown.safetensors"), "--dtype", dtype]
+    )
     assert abs(half.stat().st_size / full.stat().st_size - 0.5) < 0.01
     with safe_open(str(half), framework="pt") as f:
         assert f.metadata()["dtype"] == dtype

@@ -10,6 +10,10 @@ introduced it. They were made by :func:`write_format2_fixtures`; never regenerat
 stand for files users already have). Only a new format gets new fixtures, in a new folder:
 ``PYTHONPATH=.:tests python tests/test_formats.py`` writes format-2 files into
 ``tests/fixtures/format2``.
+
+``tests/fixtures/format2-0.3.0`` holds files written by 0.3.0, which added to format 2 a
+recorded ``dtype``, ``torchvision:`` model names and edits at traced stages (made by
+:func:`write_030_fixtures`; never regenerate them either).
 """
 
 from __future__ import annotations
@@ -48,6 +52,41 @@ def write_format2_fixtures(folder: Path = FORMAT2) -> None:
     for name, args in CONVERSIONS.items():
         common = ["--model-arg", "num_classes=10", "--calib-size", "4", "--force", "-o", str(folder / name)]
         run_ok(["convert", "test_efficientnet", *args, *common])
+
+
+FORMAT2_030 = Path(__file__).parent / "fixtures" / "format2-0.3.0"
+# files 0.3.0 wrote with what it added to format 2: a recorded dtype, torchvision names, traced stages
+CONVERSIONS_030 = {
+    "test_efficientnet-se-to-eca-float16.safetensors": [
+        "test_efficientnet", "-r", "se-to-eca", "--dtype", "float16", "--model-arg", "num_classes=10",
+    ],
+    "torchvision-mobilenet_v3_small-after-stages-bfloat16.safetensors": [
+        "torchvision:mobilenet_v3_small", "-r", "eca-after-stages", "--dtype", "bfloat16",
+        "--model-arg", "num_classes=10",
+    ],
+}  # fmt: skip
+
+
+def write_030_fixtures(folder: Path = FORMAT2_030) -> None:
+    """Write the 0.3.0 fixtures into ``folder`` with this eca-surgery (by the CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, args in CONVERSIONS_030.items():
+        run_ok(["convert", *args, "--force", "-o", str(folder / name)])
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSIONS_030))
+def test_a_030_file_loads_in_its_dtype_and_verifies(name):
+    path = FORMAT2_030 / name
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["eca_surgery_version"] == "0.3.0" and metadata["format_version"] == "2"
+    model = load_patched(path)
+    stored = load_file(path)
+    state = model.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], stored[k]) for k in stored)
+    assert {str(t.dtype) for t in state.values() if t.is_floating_point()} == {f"torch.{metadata['dtype']}"}
+    report = json.loads(run_ok(["verify", str(path), "--json"]))
+    assert report["dtype_recorded"] == metadata["dtype"] and report["check"]["output_shape"] == [1, 10]
 
 
 def test_the_fixtures_are_there():
