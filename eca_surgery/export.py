@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import time
 import warnings
@@ -309,6 +310,12 @@ def _input_size(model: nn.Module, options: ExportOptions) -> tuple[int, int, int
     from .models import float_dtype, input_size
 
     size = check_size(options.input_size or input_size(model))
+    if not options.static and min(size[1:]) < 2:  # torch.export always specialises a size of 1
+        raise ExportError(
+            f"The input size {_shape_text(size)} has a height or width of 1, which torch.export always "
+            "fixes, so the file could not take other sizes. Pass a larger `input_size`, e.g. 3x224x224, "
+            "or `static=True` for a fixed shape."
+        )
     x = torch.zeros(1 if options.static else TRACE_BATCH, *size, dtype=float_dtype(model))
     try:
         with torch.no_grad():
@@ -327,10 +334,18 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress lines and warnings (the result reports what matters)."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Silence the exporters' progress lines, warnings and logs (the result reports what matters):
+    torch.export prints the whole graph on stderr when a trace fails (thousands of lines for a
+    detection model) and logs each dimension it specialises."""
+    previous = logging.root.manager.disable
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            try:
+                yield
+            finally:
+                logging.disable(previous)
 
 
 def _example(size: tuple[int, int, int], static: bool, model: nn.Module) -> torch.Tensor:
@@ -345,17 +360,20 @@ def _trace(model: nn.Module, size: tuple[int, int, int], static: bool, need: boo
     with every axis of :data:`AXES` left to ``Dim.AUTO``) and the dimensions it kept dynamic.
     A failure raises an ExportError when ``need``, else is recorded (for the legacy exporter)."""
     x = _example(size, static, model)
-    shapes = None if static else {"x": dict.fromkeys(AXES, torch.export.Dim.AUTO)}
+    # a tuple, not a dict keyed by the argument's name: forward's first argument is ``x`` in timm,
+    # ``input`` or ``images`` in torchvision's segmentation and detection models
+    shapes = None if static else (dict.fromkeys(AXES, torch.export.Dim.AUTO),)
     start = time.perf_counter()
     try:
         with _quiet():
             program = torch.export.export(model, (x,), dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, condensed
         if need:
+            retry = "try " if static else "try `static=True`, or "
             raise ExportError(
                 f"torch.export cannot trace the model at {_shape_text(tuple(x.shape))} ({summary(exc, 300)}). "
-                "Models with data-dependent control flow do not export; try `static=True`, or `legacy=True` "
-                "for the TorchScript ONNX exporter (ONNX only)."
+                "Models with data-dependent control flow (such as the box selection of a detection model) "
+                f"do not export; {retry}`legacy=True` for the TorchScript ONNX exporter (ONNX only)."
             ) from None
         return _Traced(None, _assumed_dims(static), failure=summary(exc, 300))
     dynamic = () if static else _dynamic_dims(program)
@@ -532,7 +550,7 @@ def produce_onnx(
     names = _output_names(model, x)
     reason = traced.failure
     if reason is None:
-        shapes = None if options.static else {"x": {d.axis: d.name for d in traced.dynamic}}
+        shapes = None if options.static else ({d.axis: d.name for d in traced.dynamic},)
         try:
             with _quiet():
                 program = torch.onnx.export(
