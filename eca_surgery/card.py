@@ -9,6 +9,7 @@ figures, and how to load the folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,11 @@ class ModelCard:
         head = yaml.safe_dump(self.front_matter(), sort_keys=False).rstrip("\n")
         note = "" if self.license else f"\n{LICENSE_NOTE}"
         sections = [self._intro(), self._changes(), self._costs(), self._fidelity(), self._how_to_load()]
-        return f"---\n{head}{note}\n---\n\n" + "\n\n".join(sections) + "\n"
+        text = f"---\n{head}{note}\n---\n\n" + "\n\n".join(sections) + "\n"
+        # a path that is not UTF-8 (a folder or source name, decoded with surrogate escapes) is
+        # shown escaped, as \udcff: the card stays UTF-8, and in the loading code's string
+        # literal the escape gives Python back the very path
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
     def _intro(self) -> str:
         plan, n = self.plan, len(self.plan.edits)
@@ -97,7 +102,7 @@ class ModelCard:
         return "\n\n".join(parts)
 
     def _how_to_load(self) -> str:
-        return f"## How to load\n\n```python\n{self.loading.strip()}\n```"
+        return f"## How to load\n\n{_fenced(self.loading.strip(), 'python')}"
 
 
 def source_license(model: Any, source: str) -> str | None:
@@ -114,7 +119,7 @@ def timm_loading(folder: str) -> str:
     """The code that loads a timm-native folder with plain timm."""
     return (
         "import timm\n\n"
-        f'model = timm.create_model("local-dir:{folder}", pretrained=True)\n'
+        f"model = timm.create_model({_literal('local-dir:' + folder)}, pretrained=True)\n"
         '# once uploaded to the hub: timm.create_model("hf-hub:USER/REPO", pretrained=True)'
     )
 
@@ -125,11 +130,17 @@ def hub_loading(folder: str, versions: dict[str, str | None]) -> str:
     return (
         f"# written by: pip install {pins}\n"
         "from eca_surgery import load_patched\n\n"
-        f'model = load_patched("{folder}/model.safetensors")  # rebuilt from the file, loaded strictly\n'
+        f"model = load_patched({_literal(folder + '/model.safetensors')})  # rebuilt from the file, loaded strictly\n"
         "# once uploaded to the hub:\n"
         "# from huggingface_hub import hf_hub_download\n"
         '# model = load_patched(hf_hub_download("USER/REPO", "model.safetensors"))'
     )
+
+
+def _literal(text: str) -> str:
+    """``text`` as a Python string literal in double quotes (a folder's name may hold quotes,
+    backslashes or newlines that would otherwise break, or inject into, the loading code)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def task_of(model: Any) -> str:
@@ -188,5 +199,13 @@ def _record(title: str, summary: str, record: dict[str, Any]) -> str:
     body = json.dumps(record, indent=2, sort_keys=True, default=str)
     return (
         f"{title}: {summary}\n\n<details><summary>{title} record</summary>\n\n"
-        f"```json\n{body}\n```\n\n</details>"
+        f"{_fenced(body, 'json')}\n\n</details>"
     )
+
+
+def _fenced(code: str, language: str) -> str:
+    """``code`` in a Markdown code block whose fence is longer than any run of backticks in it,
+    so that text from a file (a record, a folder name) cannot close the block early."""
+    longest = max((len(run) for run in re.findall(r"`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{code}\n{fence}"

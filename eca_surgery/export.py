@@ -225,7 +225,7 @@ def _cast(model: nn.Module, dtype: DType | str | None, onnx: bool) -> None:
     if onnx and float_dtype(model) == torch.bfloat16:
         raise ExportError(
             "ONNX has no bfloat16 convolution (its Conv takes float16, float32 and float64), so a bfloat16 "
-            "model cannot be exported to ONNX. Export it with `dtype='float16'` or `'float32'` for ONNX, "
+            "model cannot be exported to ONNX. Export it with `dtype='float16'` (or `dtype='float32'`) for ONNX, "
             "or keep bfloat16 with `torch_export`."
         )
 
