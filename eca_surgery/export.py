@@ -448,6 +448,7 @@ def compare(
         x = x.to(float_dtype(model))
         with torch.no_grad():
             expected = [t.detach().float() for t in outputs(model(x))]
+        _check_finite(expected, x)
         got = [torch.as_tensor(t).float() for t in _run_exported(run, x)]
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=True)):
             rows.append(ParityRow(tuple(x.shape), math.inf, math.inf, False))
@@ -459,6 +460,24 @@ def compare(
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
         rows.append(ParityRow(tuple(x.shape), max_abs, max_rel, math.isfinite(max_abs) and max_abs <= atol))
     return tuple(rows)
+
+
+def _check_finite(expected: list[torch.Tensor], x: torch.Tensor) -> None:
+    """Refuse a model whose own outputs on ``x`` are not finite: nothing can be compared with them."""
+    if all(bool(torch.isfinite(e).all()) for e in expected):
+        return
+    dtype = str(x.dtype).removeprefix("torch.")
+    hint = (
+        " float16 overflows above 65504: export with `dtype='float32'` (or `dtype='bfloat16'` for "
+        "`torch_export`)."
+        if x.dtype == torch.float16
+        else " Check the checkpoint (verify it) and the model kwargs it was built with."
+    )
+    raise ExportError(
+        f"The PyTorch model itself gives outputs that are not finite (inf or NaN) on a "
+        f"{_shape_text(tuple(x.shape))} {dtype} input, so no exported file can be checked against it "
+        f"and nothing was written.{hint}"
+    )
 
 
 def _run_exported(run: Callable[[torch.Tensor], list[Any]], x: torch.Tensor) -> list[Any]:
