@@ -557,8 +557,26 @@ def _check_onnx(onnx: Any, tmp: Path, path: Path) -> int | None:
             f"The ONNX file for {str(path)!r} does not pass onnx.checker ({summary(exc, 300)}); it was not "
             "written. Try another `opset`, or `legacy=True`."
         ) from None
-    opsets = onnx.load(str(tmp), load_external_data=False).opset_import
+    return file_opset(tmp)
+
+
+def file_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file imports."""
+    import onnx
+
+    opsets = onnx.load(str(path), load_external_data=False).opset_import
     return next((o.version for o in opsets if o.domain in ("", "ai.onnx")), None)
+
+
+def _opset_missed(tmp: Path, asked: int | None) -> str | None:
+    """Why the dynamo exporter's file at ``tmp`` does not do: it holds another opset than the one
+    ``asked`` (below 18 the exporter converts its opset-18 graph, and writes 18 where that fails)."""
+    written = file_opset(tmp)
+    if asked is None or written == asked:
+        return None
+    return (
+        f"it wrote opset {written}, not the {asked} asked: it converts to opsets below 18 only where it can"
+    )
 
 
 def produce_onnx(
@@ -582,13 +600,15 @@ def produce_onnx(
                     opset_version=options.opset,
                 )
                 program.save(str(tmp), external_data=False)
-            return "dynamo", ()
+            reason = _opset_missed(tmp, options.opset)
+            if reason is None:
+                return "dynamo", ()
         except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, condensed
             reason = summary(exc, 300)
     if not options.legacy:
         raise ExportError(
             f"The dynamo ONNX exporter cannot export the model ({reason}). Pass `legacy=True` to fall back "
-            "to the TorchScript exporter, or try another `opset` or `static=True`."
+            f"to the TorchScript exporter, or try another `opset`{'' if options.static else ' or `static=True`'}."
         )
     _legacy_onnx(model, x, traced, options, tmp, names)
     return "torchscript", (f"The dynamo exporter failed ({reason}); the TorchScript exporter was used.",)
