@@ -102,7 +102,13 @@ class ModelCard:
         return "\n\n".join(parts)
 
     def _how_to_load(self) -> str:
-        return f"## How to load\n\n{_fenced(self.loading.strip(), 'python')}"
+        text = f"## How to load\n\n{_fenced(self.loading.strip(), 'python')}"
+        if self.library == "timm" and self.dtype != "float32":  # timm copies them into its float32 build
+            text += (
+                f"\n\ntimm loads the {self.dtype} weights into a float32 model; call "
+                f"`model.to(torch.{self.dtype})` to run it in {self.dtype}."
+            )
+        return text
 
 
 def source_license(model: Any, source: str) -> str | None:
