@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -249,12 +250,7 @@ def _check_request(
         )
     if hub_dir is not None:
         check_hub_dir(hub_dir, options.force)
-    if options.atol is not None and not (math.isfinite(options.atol) and options.atol > 0):
-        raise ExportError(f"`atol` must be a positive number, not {options.atol!r}.")
-    if options.opset is not None and not 7 <= options.opset <= 30:
-        raise ExportError(f"`opset` {options.opset} is not an ONNX opset version; use e.g. 18 (7 to 30).")
-    if options.input_size is not None:
-        check_size(options.input_size)
+    _check_options(options)
     check_outputs_apart(
         {"onnx": onnx, "torch_export": torch_export, "hub_dir": hub_dir}, {"checkpoint": path}
     )
@@ -265,14 +261,42 @@ def _check_request(
         onnx_modules()
 
 
+def _check_options(options: ExportOptions) -> None:
+    """Refuse options of the wrong type or range (they may come from Python, not the CLI)."""
+    from .models import check_seed
+
+    atol, opset = options.atol, options.opset
+    if atol is not None and not (_is_number(atol) and math.isfinite(atol) and atol > 0):
+        raise ExportError(f"`atol` must be a positive number, not {atol!r:.40}.")
+    if opset is not None and not (_is_int(opset) and 7 <= opset <= 30):
+        raise ExportError(f"`opset` {opset!r:.40} is not an ONNX opset version; use e.g. 18 (7 to 30).")
+    if options.input_size is not None:
+        check_size(options.input_size)
+    check_seed(options.seed)
+    if options.dtype is not None:
+        choice(DType, options.dtype, "dtype")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_size(size: tuple[int, ...]) -> tuple[int, int, int]:
     """``size`` if it is three positive integers (C, H, W), else an ExportError."""
-    if len(size) != 3 or not all(isinstance(n, int) and 0 < n <= 16384 for n in size):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 3
+        or not all(_is_int(n) and 0 < n <= 16384 for n in size)
+    ):
         raise ExportError(
             f"`input_size` {size!r} is not three positive integers C, H, W (each at most 16384), "
             "e.g. (3, 224, 224)."
         )
-    return (size[0], size[1], size[2])
+    return (int(size[0]), int(size[1]), int(size[2]))
 
 
 def onnx_modules() -> tuple[Any, Any]:

@@ -16,7 +16,7 @@ from cli_helpers import run_fail, run_ok
 from torch import nn
 
 import eca_surgery.export as export_module
-from eca_surgery import ExportOptions, convert
+from eca_surgery import ExportOptions, SurgeryError, convert, export_checkpoint
 from eca_surgery.card import ModelCard, hub_loading, timm_loading
 from eca_surgery.export import ExportError
 
@@ -155,3 +155,25 @@ def test_a_half_precision_timm_card_says_timm_loads_float32():
     card = ModelCard(plan, "src", timm_loading("d"), dtype="float16").to_markdown()
     assert "into a float32 model" in card and "model.to(torch.float16)" in card
     assert "into a float32 model" not in ModelCard(plan, "src", timm_loading("d")).to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        ({"opset": "18"}, "opset"),
+        ({"opset": 18.5}, "opset"),
+        ({"atol": "1e-3"}, "atol"),
+        ({"seed": 2**70}, "seed"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"input_size": (True, 64, 64)}, "input_size"),
+        ({"input_size": "3x64x64"}, "input_size"),
+    ],
+)
+def test_options_from_python_are_checked_before_any_work(options, flag, tmp_path, monkeypatch):
+    # a string opset or atol raised TypeError; a huge seed ValueError after the model was built
+    monkeypatch.setattr(export_module, "_open", lambda *a: pytest.fail("the checkpoint was opened"))
+    with pytest.raises(SurgeryError, match=f"`{flag}`"):
+        export_checkpoint(
+            tmp_path / "none.safetensors", torch_export=tmp_path / "m.pt2", options=ExportOptions(**options)
+        )
+    assert list(tmp_path.iterdir()) == []
