@@ -150,8 +150,15 @@ def _literal(text: str) -> str:
 
 
 def task_of(model: Any) -> str:
-    """The hub's pipeline tag for ``model``: detection, segmentation or classification."""
+    """The hub's pipeline tag for ``model``: detection, segmentation, feature extraction (a
+    timm ``features_only`` model: feature maps, no classifier) or classification."""
     package = type(model).__module__
+    if (
+        package.startswith("timm.")
+        and hasattr(model, "feature_info")
+        and not hasattr(model, "get_classifier")
+    ):
+        return "image-feature-extraction"
     if package.startswith("torchvision.models.detection"):
         return "object-detection"
     if package.startswith("torchvision.models.segmentation"):

@@ -177,3 +177,15 @@ def test_options_from_python_are_checked_before_any_work(options, flag, tmp_path
             tmp_path / "none.safetensors", torch_export=tmp_path / "m.pt2", options=ExportOptions(**options)
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_features_only_model_is_tagged_as_feature_extraction():
+    # its hub card called a feature extractor (lists of maps, no classifier) image-classification
+    import timm
+
+    from eca_surgery.card import task_of
+
+    assert (
+        task_of(timm.create_model("mobilenetv3_small_050", features_only=True)) == "image-feature-extraction"
+    )
+    assert task_of(timm.create_model("mobilenetv3_small_050", num_classes=0)) == "image-classification"
