@@ -519,6 +519,16 @@ def _refuse_if_off(result: FormatResult) -> FormatResult:
     """``result``, or a ParityError (the file is then not kept) when an input is off."""
     if result.ok:
         return result
+    broken = next((r for r in result.rows if not math.isfinite(r.max_abs)), None)
+    if broken is not None:  # no tolerance covers it
+        raise ParityError(
+            f"The {result.format} export does not give the PyTorch model's outputs on a "
+            f"{_shape_text(broken.shape)} input: they differ in number or shape, or are not finite, so "
+            f"{result.path!r} was not written. A model whose outputs depend on the data (such as the "
+            "boxes a detection model keeps) cannot be exported with this check; export its backbone, "
+            "or report this with the model and recipe.",
+            result,
+        )
     worst = max(result.rows, key=lambda r: r.max_abs)
     raise ParityError(
         f"The {result.format} export differs from the PyTorch model by up to {worst.max_abs:.3g} "
