@@ -177,10 +177,10 @@ def _change(position: str, path: str, old_class: str) -> str:
 
 def _summary_of_init(record: dict[str, Any]) -> str:
     """The init method and, where it was measured, its fidelity to the original model."""
-    text = f"`{record.get('method', '?')}`."
+    text = f"{_inline(str(record.get('method', '?')))}."
     fidelity = record.get("fidelity")
     if isinstance(fidelity, dict):
-        shown = ", ".join(f"{k} {_figure(v)}" for k, v in fidelity.items())
+        shown = ", ".join(f"{_name(k)} {_figure(v)}" for k, v in fidelity.items())
         text += f" Fidelity to the original model: {shown}."
     return text
 
@@ -198,6 +198,13 @@ def _figure(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value) if isinstance(value, int) else _inline(str(value))
+
+
+def _name(key: Any) -> str:
+    """A record's key as plain text if it is a plain name (``max_abs``), else as inline code:
+    keys come from the file too, and may hold Markdown or HTML."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", text) else _inline(text, 60)
 
 
 def _inline(text: str, limit: int = 300) -> str:

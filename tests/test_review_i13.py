@@ -200,3 +200,19 @@ def test_outputs_of_another_shape_are_not_blamed_on_the_tolerance():
     with pytest.raises(ParityError, match="differ in number or shape") as caught:
         export_module._refuse_if_off(result)
     assert "larger `atol`" not in str(caught.value) and caught.value.result is result
+
+
+def test_an_init_record_from_a_file_cannot_inject_markdown():
+    # the init method and the fidelity keys were pasted into the card as they were
+    plan = convert("resnet18", "eca-after-stages", dry_run=True, flops=False).plan
+    init = {
+        "method": "a`b\n# Injected",
+        "fidelity": {"<img src=x onerror=alert(1)>\n# H": 0.5, "max_abs": 0.25},
+    }
+    card = ModelCard(plan, "src", timm_loading("d"), init=init).to_markdown()
+    summary = next(line for line in card.splitlines() if line.startswith("Init: "))
+    assert (
+        summary
+        == "Init: `a'b # Injected`. Fidelity to the original model: `<img src=x onerror=alert(1)> # H` 0.5, max_abs 0.25."
+    )
+    assert "\n# Injected" not in card and "\n# H" not in card
