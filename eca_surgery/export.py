@@ -254,9 +254,12 @@ def _check_request(
     check_outputs_apart(
         {"onnx": onnx, "torch_export": torch_export, "hub_dir": hub_dir}, {"checkpoint": path}
     )
-    for output in (onnx, torch_export):
+    for name, output in (("onnx", onnx), ("torch_export", torch_export)):
         if output is not None:
-            check_file_output(output, options.force)
+            try:
+                check_file_output(output, options.force)
+            except SurgeryError as exc:  # name the parameter this output came from
+                raise type(exc)(str(exc).replace("`output`", f"`{name}`")) from None
     if onnx is not None:
         onnx_modules()
 
@@ -285,16 +288,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+MAX_CHANNELS, MAX_SIDE = 64, 4096  # as --model-arg in_chans and img_size: a trace at batch 2 must fit memory
+
+
 def check_size(size: tuple[int, ...]) -> tuple[int, int, int]:
-    """``size`` if it is three positive integers (C, H, W), else an ExportError."""
+    """``size`` if it is (C, H, W) with C at most 64 and sides at most 4096, else an ExportError."""
     if (
         not isinstance(size, (tuple, list))
         or len(size) != 3
-        or not all(_is_int(n) and 0 < n <= 16384 for n in size)
+        or not all(
+            _is_int(n) and 0 < n <= limit
+            for n, limit in zip(size, (MAX_CHANNELS, MAX_SIDE, MAX_SIDE), strict=True)
+        )
     ):
         raise ExportError(
-            f"`input_size` {size!r} is not three positive integers C, H, W (each at most 16384), "
-            "e.g. (3, 224, 224)."
+            f"`input_size` {size!r} is not three positive integers C, H, W (C at most {MAX_CHANNELS}, "
+            f"H and W at most {MAX_SIDE}), e.g. (3, 224, 224)."
         )
     return (int(size[0]), int(size[1]), int(size[2]))
 

@@ -159,7 +159,7 @@ def test_an_existing_output_needs_force(seresnet, tmp_path):
     output = tmp_path / "m.pt2"
     output.write_bytes(b"keep me")
     message = run_fail(["export", str(seresnet), "--torch-export", str(output)], tmp_path)
-    assert "already exists" in message and "--force" in message
+    assert "already exists" in message and "--force" in message and "choose another --torch-export" in message
     assert output.read_bytes() == b"keep me"
 
 
