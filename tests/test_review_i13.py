@@ -216,3 +216,11 @@ def test_an_init_record_from_a_file_cannot_inject_markdown():
         == "Init: `a'b # Injected`. Fidelity to the original model: `<img src=x onerror=alert(1)> # H` 0.5, max_abs 0.25."
     )
     assert "\n# Injected" not in card and "\n# H" not in card
+
+
+@pytest.mark.parametrize("size", [(3, 4097, 224), (65, 64, 64), (3, 16384, 16384)])
+def test_an_input_size_beyond_memory_bounds_is_refused_before_any_work(size):
+    from eca_surgery.export import ExportError, check_size
+
+    with pytest.raises(ExportError, match="H and W at most 4096"):
+        check_size(size)
