@@ -495,6 +495,28 @@ class _RateColumn:
         return Rate()
 
 
+@contextmanager
+def _scan_progress(total: int) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr (models done of ``total``, the rate, the models being built),
+    and the function that moves it to a scan's ``ScanProgress``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("", total=total)
+
+        def show(state: Any) -> None:
+            progress.update(task, completed=state.done, description=escape(", ".join(state.building)[:60]))
+
+        yield show
+
+
 @app.command()
 def scan(
     pattern: Annotated[str, typer.Argument(help="Model-name pattern, e.g. 'seres*' (default: all).")] = "*",
@@ -525,35 +547,15 @@ def scan(
 ) -> None:
     """Scan timm's models or torchvision's builders (on the meta device) for SE blocks and what
     SE-to-ECA would save. Each model's row is cached (ECA_SURGERY_CACHE moves the cache)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .report import render_scan, scan_report
     from .scan import available_cores, model_names, sort_rows
     from .scan import scan as scan_models
 
     jobs = jobs or available_cores()
     names = model_names(pattern, source, cache=True, refresh=refresh, warm=jobs > 1)
-    columns = (
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("", total=len(names))
-
-        def show(state: Any) -> None:
-            progress.update(task, completed=state.done, description=escape(", ".join(state.building)[:60]))
-
+    with _scan_progress(len(names)) as show:
         result = scan_models(
-            names,
-            flops,
-            jobs=jobs or available_cores(),
-            timeout=timeout,
-            cache=True,
-            refresh=refresh,
-            on_progress=show,
+            names, flops, jobs=jobs, timeout=timeout, cache=True, refresh=refresh, on_progress=show
         )
     _print_notes(result.notes)
     report = scan_report(sort_rows(result, sort), limit)  # counts of every model scanned; rows cut to --limit
