@@ -248,6 +248,7 @@ FLAGS = {
     "save_every": "--save-every",
     "device": "--device",
     "workers": "--workers",
+    "jobs": "--jobs",
     "dtype": "--dtype",
     "hub_dir": "--hub-dir",
     "onnx": "--onnx",
@@ -479,6 +480,43 @@ def list_recipes(json_out: JsonOpt = False) -> None:
     _show(report, json_out, render_recipes)
 
 
+class _RateColumn:
+    """Builds a progress column showing a task's rate in models per second (rich's estimate)."""
+
+    def __new__(cls) -> Any:
+        from rich.progress import ProgressColumn
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:.1f} models/s" if speed else "", style="progress.data.speed")
+
+        return Rate()
+
+
+@contextmanager
+def _scan_progress(total: int) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr (models done of ``total``, the rate, the models being built),
+    and the function that moves it to a scan's ``ScanProgress``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("", total=total)
+
+        def show(state: Any) -> None:
+            progress.update(task, completed=state.done, description=escape(", ".join(state.building)[:60]))
+
+        yield show
+
+
 @app.command()
 def scan(
     pattern: Annotated[str, typer.Argument(help="Model-name pattern, e.g. 'seres*' (default: all).")] = "*",
@@ -490,25 +528,36 @@ def scan(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="Show only the first N rows.")
     ] = None,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--jobs", "-j", min=1, help="Worker processes building models (default: the cores available)."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", min=1, help="Seconds a model may take in a worker before it counts as failed."
+        ),
+    ] = 120.0,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Ignore the cache of earlier scans, and rewrite it.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Scan timm's models or torchvision's builders (on the meta device) for SE blocks and what
-    SE-to-ECA would save."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    SE-to-ECA would save. Each model's row is cached (ECA_SURGERY_CACHE moves the cache)."""
     from .report import render_scan, scan_report
-    from .scan import model_names, sort_rows
+    from .scan import available_cores, model_names, sort_rows
     from .scan import scan as scan_models
 
-    names = model_names(pattern, source)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("scanning", total=len(names))
-
-        def advance(name: str) -> None:
-            progress.update(task, advance=1, description=f"scanning {name}")
-
-        result = scan_models(names, flops=flops, on_model=advance)
+    jobs = jobs or available_cores()
+    names = model_names(pattern, source, cache=True, refresh=refresh, warm=jobs > 1)
+    with _scan_progress(len(names)) as show:
+        result = scan_models(
+            names, flops, jobs=jobs, timeout=timeout, cache=True, refresh=refresh, on_progress=show
+        )
+    _print_notes(result.notes)
     report = scan_report(sort_rows(result, sort), limit)  # counts of every model scanned; rows cut to --limit
     _show(report, json_out, render_scan)
 

@@ -7,7 +7,7 @@ whole zoo costs only the time to construct each model and count its MACs.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ class ScanResult:
     failures: dict[str, str]
     without_se: int
     scanned: int
+    notes: list[str] = field(default_factory=list)  # about the cache; not part of the report
 
     def to_dict(self, limit: int | None = None) -> dict[str, Any]:
         """The counts over every model scanned; ``models`` holds the first ``limit`` rows
@@ -92,30 +93,222 @@ def scan_model(name: str, flops: bool = True) -> ScanRow | None:
     )
 
 
+_ROW_TYPES: dict[str, Callable[[Any], bool]] = {
+    "model": lambda v: isinstance(v, str),
+    "se_blocks": lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
+    "params_before": lambda v: type(v) is int,
+    "params_after": lambda v: type(v) is int,
+    "macs_before": lambda v: v is None or type(v) is int,
+    "macs_after": lambda v: v is None or type(v) is int,
+    "unknown_se_like": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+    "macs_scope": lambda v: isinstance(v, str),
+}
+
+
+def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
+    if outcome.failure is not None:
+        return {"failure": outcome.failure}
+    return {"row": asdict(outcome.row)} if outcome.row is not None else {}
+
+
+def outcome_from_json(name: str, value: Any) -> Outcome | None:
+    """The Outcome a cache entry holds, or None where the entry is not one this code wrote
+    for ``name`` (the scan then rebuilds it)."""
+    if value == {}:
+        return Outcome()
+    if isinstance(value, dict) and list(value) == ["failure"] and isinstance(value["failure"], str):
+        return Outcome(failure=value["failure"])
+    row = value.get("row") if isinstance(value, dict) and list(value) == ["row"] else None
+    if not isinstance(row, dict) or set(row) != set(_ROW_TYPES) or row["model"] != name:
+        return None
+    if not all(valid(row[key]) for key, valid in _ROW_TYPES.items()):
+        return None
+    return Outcome(ScanRow(**row))
+
+
+class OutcomeCache:
+    """Each model's scan outcome, kept in one cache file per source (see ``cache``)."""
+
+    def __init__(self, flops: bool, refresh: bool = False) -> None:
+        self.flops, self.refresh = flops, refresh
+        self.files: dict[str, Any] = {}
+
+    def _file(self, name: str) -> Any:
+        from .cache import CacheFile, cache_dir, cache_key, source_of
+
+        source = source_of(name)
+        if source not in self.files:
+            key = cache_key(source, "scan", self.flops)
+            self.files[source] = CacheFile.open(cache_dir(), key, self.refresh)
+        return self.files[source]
+
+    def lookup(self, names: list[str]) -> dict[str, Outcome]:
+        found = {}
+        for name in names:
+            outcome = outcome_from_json(name, self._file(name).entries.get(name))
+            if outcome is not None:
+                found[name] = outcome
+        return found
+
+    def put(self, name: str, outcome: Outcome) -> None:
+        if outcome.lasting:  # a crash or a hang may not happen again: scan it again next time
+            self._file(name).put(name, outcome_to_json(outcome))
+
+    def save(self) -> list[str]:
+        """Write what was added; the notes (at most one) where the cache could not be written."""
+        notes = [note for file in self.files.values() if (note := file.save()) is not None]
+        return notes[:1]
+
+
+DEFAULT_TIMEOUT = 120.0
+# what a worker imports once, so that each model it builds costs only the build
+WORKER_PRELOAD = ["timm", "eca_surgery.surgery", "eca_surgery.detect", "eca_surgery.plan", "eca_surgery.scan"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What scanning one model gave: its row, or None without SE blocks, or the failure's
+    reason; ``lasting`` is False for a failure the machine may not repeat (a crash, a hang)."""
+
+    row: ScanRow | None = None
+    failure: str | None = None
+    lasting: bool = True
+
+
+@dataclass(frozen=True)
+class ScanProgress:
+    """How far a scan is: models ``done`` of ``total``, and those being built now."""
+
+    done: int
+    total: int
+    building: tuple[str, ...]
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def scan_outcome(
+    name: str, flops: bool = True, scan_one: Callable[[str, bool], ScanRow | None] = scan_model
+) -> Outcome:
+    """``scan_one(name, flops)`` as an Outcome: an exception is the model's failure, with its reason."""
+    try:
+        return Outcome(scan_one(name, flops))
+    except SurgeryError as exc:
+        return Outcome(failure=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken model must not stop the scan
+        return Outcome(failure=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _in_process(
+    names: list[str], task: Callable[[str], Outcome], on_start: Callable[[str], None]
+) -> Iterator[tuple[str, Outcome]]:
+    for name in names:
+        on_start(name)
+        yield name, task(name)
+
+
+def _outcomes(
+    names: list[str],
+    task: Callable[[str], Outcome],
+    jobs: int,
+    timeout: float,
+    on_start: Callable[[str], None],
+) -> Iterator[tuple[str, Outcome]]:
+    """``(name, outcome)`` for each of ``names``: in this process with one job (or one model),
+    else over ``jobs`` worker processes, where a crash or a hang is the model's failure."""
+    if jobs <= 1 or len(names) < 2:
+        yield from _in_process(names, task, on_start)
+        return
+    from .workers import Crashed, WorkerPool
+
+    for name, result in WorkerPool(task, jobs, timeout, WORKER_PRELOAD).run(names, on_start):
+        if isinstance(result, Crashed):
+            result = Outcome(failure=f"the model crashed or hung the scan: {result.reason}", lasting=False)
+        yield name, result
+
+
+class _Tracker:
+    """Counts models done and those being built, and tells ``on_progress`` and ``on_model``."""
+
+    def __init__(self, total: int, on_progress: Callable[[ScanProgress], None] | None, on_model: Any) -> None:
+        self.total, self.done, self.building = total, 0, []
+        self.on_progress, self.on_model = on_progress, on_model
+
+    def _tell(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(ScanProgress(self.done, self.total, tuple(self.building)))
+
+    def started(self, name: str) -> None:
+        self.building.append(name)
+        if self.on_model is not None:
+            self.on_model(name)
+        self._tell()
+
+    def finished(self, name: str | None = None, count: int = 1) -> None:
+        if name in self.building:
+            self.building.remove(name)
+        self.done += count
+        self._tell()
+
+
+def _assemble(names: list[str], outcomes: dict[str, Outcome], notes: list[str]) -> ScanResult:
+    """The ScanResult of ``names`` in their order (so any ``jobs`` gives the same result)."""
+    rows, failures, without = [], {}, 0
+    for name in names:
+        outcome = outcomes[name]
+        if outcome.failure is not None:
+            failures[name] = outcome.failure
+        elif outcome.row is None:
+            without += 1
+        else:
+            rows.append(outcome.row)
+    return ScanResult(rows, failures, without, len(names), notes)
+
+
 def scan(
     names: Iterable[str],
     flops: bool = True,
     on_model: Callable[[str], None] | None = None,
+    *,
+    jobs: int = 1,
+    timeout: float = DEFAULT_TIMEOUT,
+    cache: bool = False,
+    refresh: bool = False,
+    on_progress: Callable[[ScanProgress], None] | None = None,
+    scan_one: Callable[[str, bool], ScanRow | None] = scan_model,
 ) -> ScanResult:
-    """Scan ``names``; a model that fails to build or plan is recorded with its reason."""
-    rows, failures, without, scanned = [], {}, 0, 0
-    for name in names:
-        scanned += 1
-        if on_model is not None:
-            on_model(name)
-        try:
-            row = scan_model(name, flops)
-        except SurgeryError as exc:
-            failures[name] = str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one broken model must not stop the scan
-            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            continue
-        if row is None:
-            without += 1
-        else:
-            rows.append(row)
-    return ScanResult(rows, failures, without, scanned)
+    """Scan ``names``; a model that fails to build or plan is recorded with its reason.
+
+    With ``jobs`` > 1 the models are spread over that many worker processes, where a model
+    that crashes its worker or runs past ``timeout`` seconds is a failure too. With ``cache``
+    each model's outcome is kept in the user's cache folder (``cache.cache_dir``) and read
+    back by later scans (``refresh`` rebuilds it). ``on_model`` is told each model as it
+    starts, ``on_progress`` how far the scan is. ``scan_one`` (a picklable function) scans
+    one model; tests pass one that crashes."""
+    from functools import partial
+
+    names = list(names)
+    store = OutcomeCache(flops, refresh) if cache else None
+    outcomes = store.lookup(names) if store is not None else {}
+    todo = [n for n in dict.fromkeys(names) if n not in outcomes]
+    tracker = _Tracker(len(names), on_progress, on_model)
+    tracker.finished(count=len(names) - len(todo))
+    task = partial(scan_outcome, flops=flops, scan_one=scan_one)
+    try:
+        for name, outcome in _outcomes(todo, task, jobs, timeout, tracker.started):
+            outcomes[name] = outcome
+            tracker.finished(name)
+            if store is not None:
+                store.put(name, outcome)
+    finally:
+        notes = store.save() if store is not None else []
+    return _assemble(names, outcomes, notes)
 
 
 SORT_KEYS: dict[Sort, Callable[[ScanRow], Any]] = {
@@ -126,20 +319,52 @@ SORT_KEYS: dict[Sort, Callable[[ScanRow], Any]] = {
 }
 
 
-def model_names(pattern: str = "*", source: ScanSource | str = ScanSource.TIMM) -> list[str]:
-    """The models of ``source`` matching the fnmatch ``pattern``, as ``create_model`` takes
-    them (torchvision's as ``torchvision:NAME``); a SurgeryError when none does."""
-    source = choice(ScanSource, source, "source")
+def _list_names(pattern: str, source: ScanSource) -> list[str]:
     if source is ScanSource.TORCHVISION:
         from fnmatch import fnmatchcase
 
         from .models import torchvision_names
 
-        names = [f"torchvision:{n}" for n in sorted(torchvision_names()) if fnmatchcase(n, pattern)]
-    else:
-        import timm
+        return [f"torchvision:{n}" for n in sorted(torchvision_names()) if fnmatchcase(n, pattern)]
+    import timm
 
-        names = timm.list_models(pattern)
+    return timm.list_models(pattern)
+
+
+def _cached_names(pattern: str, source: ScanSource, refresh: bool, warm: bool) -> list[str]:
+    """The model list of ``pattern``, kept in the cache (so that a cached scan imports
+    neither timm nor torch); listed and kept where missing, after starting the workers'
+    fork server with ``warm`` (its imports then overlap timm's import here)."""
+    from .cache import CacheFile, cache_dir, cache_key
+
+    file = CacheFile.open(cache_dir(), cache_key(source.value, "names"), refresh)
+    names = file.entries.get(pattern)
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return names
+    if warm:
+        from .workers import warm_up
+
+        warm_up(WORKER_PRELOAD)
+    names = _list_names(pattern, source)
+    if names:
+        file.put(pattern, names)
+        file.save()  # a cache that cannot be written is noted by the scan's own save
+    return names
+
+
+def model_names(
+    pattern: str = "*",
+    source: ScanSource | str = ScanSource.TIMM,
+    cache: bool = False,
+    refresh: bool = False,
+    warm: bool = False,
+) -> list[str]:
+    """The models of ``source`` matching the fnmatch ``pattern``, as ``create_model`` takes
+    them (torchvision's as ``torchvision:NAME``); a SurgeryError when none does. With
+    ``cache`` the list is kept in the user's cache folder, keyed by the versions; ``warm``
+    (for a scan with ``jobs`` > 1 to follow) starts the workers early where it is not."""
+    source = choice(ScanSource, source, "source")
+    names = _cached_names(pattern, source, refresh, warm) if cache else _list_names(pattern, source)
     if not names:
         raise SurgeryError(
             f"No {source.value} model matches {pattern!r}; try a wider pattern such as "

@@ -33,6 +33,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _scan_cache(tmp_path_factory, monkeypatch):
+    """Each test scans with an empty cache of its own, never the user's."""
+    monkeypatch.setenv("ECA_SURGERY_CACHE", str(tmp_path_factory.mktemp("scan-cache")))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--reverse",
