@@ -480,7 +480,9 @@ def _check_calibration_channels(job: _Job) -> None:
 def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
     """A dry run: a checkpoint's keys checked against the meta build, MACs counted on it."""
     if job.path is not None and job.strict:
-        check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.origin.name)
+        check_fits(
+            job.meta, shapes_of(read_state_dict(job.path, shapes_only=True)), _what(job), job.origin.name
+        )
     macs = macs_before_after(job.meta, job.plan, count=flops)  # leaves ``job.meta`` patched
     native = _native(job, job.meta, timm_native)
     return Conversion(
