@@ -6,6 +6,8 @@ on a small real input. Used by ``convert`` (before and after the plan) and ``ver
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,14 +119,29 @@ def shape_of(out) -> list:
     return shapes[0] if isinstance(out, torch.Tensor) else shapes
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread meanwhile (the count is restored after): at batch 1
+    and a small input each op is tiny, and a pool of threads waiting on each other costs more
+    than it saves, many times more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def forward_check(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Run ``model`` on ``x``; raise unless every output is finite.
+    """Run ``model`` on ``x`` (a small input, on one CPU thread); raise unless every output
+    is finite.
 
     ``output_shape`` in the result is one shape, or a list of shapes for a model that
     returns several feature maps.
     """
-    out = run(model, x)
+    with one_thread() if x.device.type == "cpu" else nullcontext():
+        out = run(model, x)
     shape = shape_of(out)
     finite = all(bool(torch.isfinite(t).all()) for t in outputs(out))
     if not finite:
