@@ -85,6 +85,17 @@ for module in list(model.modules()):
 safetensors.torch.save_file(model.state_dict(), out)
 """
 
+DRY_RUN_SCRIPT = r"""
+import runpy, sys
+sys.argv = ["eca-surgery", "convert", *sys.argv[1:], "-r", "se-to-eca", "--dry-run", "--json"]
+try:
+    runpy.run_module("eca_surgery", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+print("READ", io["rchar"], io["read_bytes"])
+"""
+
 SOURCE_SCRIPT = r"""
 import sys, torch, timm, safetensors.torch
 torch.manual_seed(0)
@@ -144,6 +155,18 @@ def run(path: str, name: str, ckpt: Path, tmp: Path) -> dict:
     return timed(argv, log)
 
 
+def dry_run_bytes(name: str, ckpt: Path, tmp: Path) -> int | None:
+    """Bytes a CLI dry run reads (``rchar``: every read() call) with ``--checkpoint`` beyond one
+    without it: what it reads of the checkpoint (None where /proc/self/io is missing)."""
+    if not Path("/proc/self/io").exists():
+        return None
+    counts = []
+    for extra in ([], ["-c", str(ckpt)]):
+        found = timed([sys.executable, "-c", DRY_RUN_SCRIPT, name, *extra], tmp / "log.txt")["last"]
+        counts.append(int(found.splitlines()[-1].split()[1]))
+    return counts[1] - counts[0]
+
+
 def identical(tmp: Path, ckpt: Path) -> tuple[bool, int]:
     """Whether every original tensor of every converted output equals the checkpoint's, bitwise."""
     import safetensors.torch
@@ -196,6 +219,7 @@ def main() -> None:
             for path in WORK + WHOLE:
                 results[path].append(run(path, args.model, ckpt, tmp))
         same, compared = identical(tmp, ckpt)
+        dry_read = dry_run_bytes(args.model, ckpt, tmp)
 
     import timm
     import torch
@@ -214,6 +238,9 @@ def main() -> None:
         "",
         f"Original tensors bit-identical to the checkpoint in every converted output (naive, ours, cli, "
         f"naive script), same keys: {same} ({compared} original tensors compared).",
+        "",
+        f"`eca-surgery convert {args.model} -r se-to-eca --dry-run -c FILE` read {dry_read} bytes more "
+        f"than the same dry run without `-c` (rchar of /proc/self/io): the header of the {size_mb:.0f} MiB file.",
     ]
     print("\n".join(lines))
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -512,10 +512,11 @@ def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversi
     """Load the weights, apply the plan with the chosen init, and check the result: one
     meta-device pass of the original and one of its patched twin give the output shapes and
     the MACs, and the patched model runs once on a small real input for finite values."""
-    measure = check or flops
-    before = meta_pass(job.meta, check, flops) if measure else None  # before any work: can it run?
+    # a twin of the build, taken before the weights consume it, runs on the meta device (never
+    # the build itself: a forward pass may leave meta tensors cached in it, as detection models do)
+    twin = copy.deepcopy(job.meta) if check or flops else None
+    before = meta_pass(twin, check, flops) if twin is not None else None  # before any work: can it run?
     original = _original(job)
-    twin = copy.deepcopy(job.meta) if measure else None  # before the weights consume the build
     model, loaded = _load_weights(job)
     init_report = _start_kernels(model, job)
     result, macs = None, {}
