@@ -1,19 +1,30 @@
 """Convert time and peak memory: eca-surgery vs the naive path vs the I/O floor.
 
-Each path runs in its own fresh process (peak RSS is per process), which first pays
-the imports that every path pays (torch, timm, safetensors, eca_surgery), then times
-only the work:
+Two tables, from one run, every path in its own fresh process (peak RSS is per process),
+paths interleaved, ``--repeats`` times each; min and median wall time, ratios of medians.
+
+Work only (each process first pays the imports every path pays: torch, timm, safetensors,
+eca_surgery; then times only the work):
 
 * naive: timm.create_model (random init of every weight), load_state_dict from the
   file, replace the SE blocks, save;
-* ours: eca_surgery's convert (meta-device build, weights assigned from the file,
-  plan, apply, output-shape and finite-value checks, FLOPs) and Conversion.save;
-* ours (core): the same work as the naive path (no checks, FLOPs or timm-native search);
-* floor: safetensors load_file + save_file of the same tensors, nothing else.
+* ours: eca_surgery's convert as the CLI runs it (meta-device build, weights assigned
+  from the file, plan, apply, output-shape and finite-value checks, MACs, timm-native
+  search) and Conversion.save;
+* ours (core): the same work as the naive path (no checks, MACs or timm-native search);
+* floor: safetensors load_file + save_file of the same tensors, nothing else;
+* load_patched / verify: of ours' output, against a meta-device build of the model plus
+  safetensors' load_file of that output (what loading can hardly go below).
 
-Paths run interleaved, ``--repeats`` times each; the table shows min and median wall
-time, ratios of medians, and peak RSS. Every original tensor of ours is compared
-bitwise with the naive path's output.
+Whole process, imports included, as a user runs them:
+
+* cli: ``eca-surgery convert MODEL -r se-to-eca -c FILE -o OUT`` (``python -m eca_surgery``);
+* naive script: ``python -c`` with timm.create_model, load_state_dict, a loop that puts
+  timm's EcaModule where each SE block was, and save_file;
+* floor script: ``python -c`` importing torch and safetensors, load_file + save_file.
+
+Every original tensor of every converted output is compared bitwise with the checkpoint's.
+The tables are printed and written to ``benchmarks/results/convert_speed.md``.
 
     python benchmarks/convert_speed.py                       # seresnext101_32x8d
     python benchmarks/convert_speed.py seresnextaa201d_32x8d --repeats 3
@@ -22,21 +33,21 @@ bitwise with the naive path's output.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 WORKER = r"""
 import json, resource, sys, time
 import torch, timm, safetensors.torch
-from eca_surgery import apply_plan, convert, load_recipe, make_plan
+from eca_surgery import apply_plan, convert, load_patched, load_recipe, make_plan, verify
 
-path, name, ckpt, out = sys.argv[1:5]
+path, name, ckpt, out, converted = sys.argv[1:6]
 recipe = load_recipe("se-to-eca")
-torch.set_num_threads(torch.get_num_threads())
 t0 = time.perf_counter()
 if path == "naive":
     model = timm.create_model(name)
@@ -47,23 +58,144 @@ elif path in ("ours", "ours-core"):
     full = path == "ours"
     result = convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full)
     result.save(out, force=True)
+elif path == "load_patched":
+    load_patched(converted)
+elif path == "verify":
+    verify(converted)
+elif path == "meta+read":
+    with torch.device("meta"):
+        timm.create_model(name)
+    safetensors.torch.load_file(converted)
 else:
     safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-PATHS = ("naive", "ours", "ours-core", "floor")
+NAIVE_SCRIPT = r"""
+import sys, timm, safetensors.torch
+from timm.layers import EcaModule
+name, ckpt, out = sys.argv[1:4]
+model = timm.create_model(name)
+model.load_state_dict(safetensors.torch.load_file(ckpt))
+for module in list(model.modules()):
+    se = getattr(module, "se", None)
+    if se is not None and hasattr(se, "fc1"):
+        module.se = EcaModule(se.fc1.in_channels)
+safetensors.torch.save_file(model.state_dict(), out)
+"""
+
+DRY_RUN_SCRIPT = r"""
+import runpy, sys
+sys.argv = ["eca-surgery", "convert", *sys.argv[1:], "-r", "se-to-eca", "--dry-run", "--json"]
+try:
+    runpy.run_module("eca_surgery", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+print("READ", io["rchar"], io["read_bytes"])
+"""
+
+SOURCE_SCRIPT = r"""
+import sys, torch, timm, safetensors.torch
+torch.manual_seed(0)
+safetensors.torch.save_file(timm.create_model(sys.argv[1]).state_dict(), sys.argv[2])
+"""
+
+FLOOR_SCRIPT = r"""
+import sys, safetensors.torch
+name, ckpt, out = sys.argv[1:4]
+safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)
+"""
+
+WORK = ("naive", "ours", "ours-core", "floor", "load_patched", "verify", "meta+read")
+WHOLE = ("cli", "naive script", "floor script")
+LABELS = {
+    "naive": "naive: random init, load, replace, save",
+    "ours": "eca-surgery, as the CLI runs it (checks, MACs, timm-native search)",
+    "ours-core": "eca-surgery, the same work as naive (`check=False, flops=False, timm_native=False`)",
+    "floor": "I/O floor: safetensors load + save",
+    "load_patched": "`load_patched` of the converted file",
+    "verify": "`verify` of the converted file (load + finite check)",
+    "meta+read": "meta-device build + safetensors `load_file` of it",
+    "cli": "`eca-surgery convert MODEL -r se-to-eca -c FILE -o OUT`",
+    "naive script": "naive script (`python -c`: create_model, load, EcaModule loop, save_file)",
+    "floor script": "floor script (`python -c`: load_file + save_file)",
+}
 
 
-def run(path: str, name: str, ckpt: Path, out: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER, path, name, str(ckpt), str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def timed(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` to the end; its wall time and peak RSS (from the kernel's record of that
+    child), and its stdout's last line."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{argv[:4]} failed:\n{log.read_text()[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "last": log.read_text().strip()}
+
+
+def run(path: str, name: str, ckpt: Path, tmp: Path) -> dict:
+    """One run of ``path``; its seconds (work only for WORK, whole process for WHOLE) and peak RSS."""
+    import json
+
+    out, log = tmp / f"{path.replace(' ', '-')}.safetensors", tmp / "log.txt"
+    if path in WORK:
+        argv = [sys.executable, "-c", WORKER, path, name, str(ckpt), str(out), str(tmp / "ours.safetensors")]
+        return json.loads(timed(argv, log)["last"].splitlines()[-1])  # the worker's own peak RSS
+    if path == "cli":
+        argv = [sys.executable, "-m", "eca_surgery", "convert", name, "-r", "se-to-eca", "-c", str(ckpt)]
+        argv += ["-o", str(out), "--force"]
+    else:
+        argv = [sys.executable, "-c", NAIVE_SCRIPT if path == "naive script" else FLOOR_SCRIPT]
+        argv += [name, str(ckpt), str(out)]
+    return timed(argv, log)
+
+
+def dry_run_bytes(name: str, ckpt: Path, tmp: Path) -> int | None:
+    """Bytes a CLI dry run reads (``rchar``: every read() call) with ``--checkpoint`` beyond one
+    without it: what it reads of the checkpoint (None where /proc/self/io is missing)."""
+    if not Path("/proc/self/io").exists():
+        return None
+    counts = []
+    for extra in ([], ["-c", str(ckpt)]):
+        found = timed([sys.executable, "-c", DRY_RUN_SCRIPT, name, *extra], tmp / "log.txt")["last"]
+        counts.append(int(found.splitlines()[-1].split()[1]))
+    return counts[1] - counts[0]
+
+
+def identical(tmp: Path, ckpt: Path) -> tuple[bool, int]:
+    """Whether every original tensor of every converted output equals the checkpoint's, bitwise."""
+    import safetensors.torch
+    import torch
+
+    original = safetensors.torch.load_file(ckpt)
+    outputs = [
+        safetensors.torch.load_file(tmp / f"{p}.safetensors")
+        for p in ("naive", "ours", "cli", "naive-script")
+    ]
+    kept = [k for k in original if k in outputs[0]]
+    same = all(torch.equal(original[k], out[k]) for out in outputs for k in kept)
+    return same and all(out.keys() == outputs[0].keys() for out in outputs), len(kept)
+
+
+def table(paths: tuple[str, ...], results: dict, base: str, floor: str) -> list[str]:
+    median = {p: statistics.median(r["seconds"] for r in results[p]) for p in paths}
+    lines = [
+        f"| path | min s | median s | vs {base} | vs {floor} | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in paths:
+        secs = [r["seconds"] for r in results[p]]
+        rss = max(r["peak_rss_mb"] for r in results[p])
+        lines.append(
+            f"| {LABELS[p]} | {min(secs):.2f} | {median[p]:.2f} | {median[p] / median[base]:.2f} | "
+            f"{median[p] / median[floor]:.2f} | {rss:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -72,46 +204,46 @@ def main() -> None:
     )
     parser.add_argument("model", nargs="?", default="seresnext101_32x8d")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert_speed.md")
     args = parser.parse_args()
 
-    import safetensors.torch
-    import timm
-    import torch
-
+    # this process imports torch only after the runs: a child forked from a process holding a
+    # model would start with that memory counted in its peak RSS
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = tmp / "source.safetensors"
-        torch.manual_seed(0)
-        safetensors.torch.save_file(timm.create_model(args.model).state_dict(), ckpt)
+        timed([sys.executable, "-c", SOURCE_SCRIPT, args.model, str(ckpt)], tmp / "log.txt")
         size_mb = ckpt.stat().st_size / 2**20
-        results: dict[str, list[dict]] = {p: [] for p in PATHS}
+        results: dict[str, list[dict]] = {p: [] for p in WORK + WHOLE}
         for _ in range(args.repeats):
-            for path in PATHS:
-                results[path].append(run(path, args.model, ckpt, tmp / f"{path}.safetensors"))
+            for path in WORK + WHOLE:
+                results[path].append(run(path, args.model, ckpt, tmp))
+        same, compared = identical(tmp, ckpt)
+        dry_read = dry_run_bytes(args.model, ckpt, tmp)
 
-        naive, ours = (safetensors.torch.load_file(tmp / f"{p}.safetensors") for p in ("naive", "ours"))
-        original = safetensors.torch.load_file(ckpt)
-        kept = [k for k in original if k in naive]
-        identical = all(torch.equal(naive[k], ours[k]) and torch.equal(original[k], ours[k]) for k in kept)
-        same_keys = naive.keys() == ours.keys()
+    import timm
+    import torch
 
-    median = {p: statistics.median(r["seconds"] for r in results[p]) for p in PATHS}
-    print(
+    lines = [
         f"{args.model}: checkpoint {size_mb:.0f} MiB, {args.repeats} interleaved runs per path, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}"
-    )
-    print(f"{'path':<10} {'min s':>7} {'median s':>9} {'vs naive':>9} {'vs floor':>9} {'peak RSS MiB':>13}")
-    for p in PATHS:
-        secs = [r["seconds"] for r in results[p]]
-        rss = max(r["peak_rss_mb"] for r in results[p])
-        print(
-            f"{p:<10} {min(secs):>7.2f} {median[p]:>9.2f} {median[p] / median['naive']:>9.2f} "
-            f"{median[p] / median['floor']:>9.2f} {rss:>13.0f}"
-        )
-    print(
-        f"original tensors bit-identical between ours and naive (and the checkpoint): {identical}; "
-        f"same keys: {same_keys} ({len(kept)} original tensors compared)"
-    )
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}",
+        "",
+        "Work only (imports excluded):",
+        "",
+        *table(WORK, results, "naive", "floor"),
+        "",
+        "Whole process (imports included):",
+        "",
+        *table(WHOLE, results, "naive script", "floor script"),
+        "",
+        f"Original tensors bit-identical to the checkpoint in every converted output (naive, ours, cli, "
+        f"naive script), same keys: {same} ({compared} original tensors compared).",
+        "",
+        f"`eca-surgery convert {args.model} -r se-to-eca --dry-run -c FILE` read {dry_read} bytes more "
+        f"than the same dry run without `-c` (rchar of /proc/self/io): the header of the {size_mb:.0f} MiB file.",
+    ]
+    print("\n".join(lines))
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """Checks that a model runs: its output shape on the meta device, and a finite forward pass
-on a small real input. Used by ``convert`` (before and after the plan) and ``verify``."""
+on a small real input. Used by ``convert`` (before and after the plan) and ``verify``.
+
+``meta_pass`` runs a meta-device model once for both its output shape and its MACs, so that
+``convert`` runs each of the original and the patched model once on the meta device."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SurgeryError, summary
 from .models import float_dtype, input_size
@@ -26,6 +33,40 @@ def meta_output_shape(meta: nn.Module) -> list:
     x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
     with torch.no_grad():
         return shape_of(run(shape_module(meta), x))
+
+
+@dataclass(frozen=True)
+class MetaPass:
+    """What one meta-device forward pass at the default input size saw: the output shape(s)
+    (None: not checked) and the MACs (None: not counted, or could not be: ``why`` says why;
+    ``scope`` names the backbone where only it was counted, see ``flops.count_macs_scoped``)."""
+
+    shape: list | None
+    macs: int | None
+    why: str | None = None
+    scope: str = ""
+
+
+def meta_pass(meta: nn.Module, check: bool = True, count: bool = True) -> MetaPass:
+    """The output shape (``check``; a SurgeryError if ``meta`` cannot run) and the MACs
+    (``count``) of ``meta``, a meta-device model, at its default input size: from one forward
+    pass where the shape and the MACs are those of the same module (else, for a torchvision
+    detection model, one pass for each)."""
+    from .flops import count_macs_scoped
+    from .probe import eval_mode
+
+    if not count:
+        return MetaPass(meta_output_shape(meta) if check else None, None)
+    if not check or shape_module(meta) is not meta:
+        return MetaPass(meta_output_shape(meta) if check else None, *count_macs_scoped(meta))
+    x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), eval_mode(meta), counter:
+            out = run(meta, x)
+    except SurgeryError:  # the separate passes say which failed: running, or counting only
+        return MetaPass(meta_output_shape(meta), *count_macs_scoped(meta))
+    return MetaPass(shape_of(out), counter.get_total_flops() // 2)
 
 
 def shape_module(model: nn.Module) -> nn.Module:
@@ -78,14 +119,29 @@ def shape_of(out) -> list:
     return shapes[0] if isinstance(out, torch.Tensor) else shapes
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread meanwhile (the count is restored after): at batch 1
+    and a small input each op is tiny, and a pool of threads waiting on each other costs more
+    than it saves, many times more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def forward_check(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Run ``model`` on ``x``; raise unless every output is finite.
+    """Run ``model`` on ``x`` (a small input, on one CPU thread); raise unless every output
+    is finite.
 
     ``output_shape`` in the result is one shape, or a list of shapes for a model that
     returns several feature maps.
     """
-    out = run(model, x)
+    with one_thread() if x.device.type == "cpu" else nullcontext():
+        out = run(model, x)
     shape = shape_of(out)
     finite = all(bool(torch.isfinite(t).all()) for t in outputs(out))
     if not finite:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import CheckpointError, SurgeryError, sample_keys, summary
 
@@ -98,7 +99,7 @@ def _create_timm(name: str, meta: bool, kwargs: dict[str, Any]) -> nn.Module:
         )
     try:
         if meta:
-            with torch.device("meta"):
+            with torch.device("meta"), _SkipMetaInit():
                 return timm.create_model(name, pretrained=False, **kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - timm raises any type for kwargs a model cannot take
@@ -120,7 +121,7 @@ def _create_torchvision(arch: str, meta: bool, kwargs: dict[str, Any]) -> nn.Mod
         args["weights_backbone"] = None
     try:
         if meta:
-            with torch.device("meta"), _block_params_off_meta():
+            with torch.device("meta"), _SkipMetaInit(), _block_params_off_meta():
                 return builder(**args)
         return builder(**args)
     except Exception as exc:  # noqa: BLE001 - builders raise any type for kwargs a model cannot take
@@ -152,6 +153,23 @@ def _block_params_off_meta() -> Iterator[None]:
 
 
 _LOCK = threading.Lock()
+
+# the in-place ops that weight initialisation fills tensors with; on the meta device they
+# compute nothing (there is no data), yet cost a Python decomposition each (half a meta build)
+INIT_OPS = frozenset(
+    getattr(torch.Tensor, op)
+    for op in ("normal_", "uniform_", "zero_", "fill_", "erfinv_", "mul_", "add_", "clamp_")
+)
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """While building on the meta device, skip the value-filling in-place ops of weight
+    initialisation on meta tensors (they change no shape, and a meta tensor holds no values)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in INIT_OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 MODULE_PREFIX = "module:"  # a checkpoint's model built from an object: never rebuilt by name

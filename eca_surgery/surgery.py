@@ -19,12 +19,11 @@ from torch import nn
 from .apply import apply_plan
 from .card import ModelCard, source_license, timm_loading
 from .checkpoint import model_on_meta
-from .checks import SHAPE_CHANGED, forward_check, meta_output_shape, sample_input
+from .checks import SHAPE_CHANGED, MetaPass, forward_check, meta_pass, sample_input
 from .choices import DType, Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .errors import CheckpointError, SurgeryError
-from .flops import count_macs_scoped
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
     TIMM,
@@ -159,18 +158,30 @@ def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = Tr
     ``count``, return the MACs at the default input size before and after, counted on
     the meta device. Where counting fails, ``macs_error`` says why; where only the backbone
     of a detection model could be counted, ``macs_scope`` names it (see ``flops``)."""
-    before, why, scope = count_macs_scoped(meta_model) if count else (None, None, "")
-    if plan is not None and plan.edits:
-        apply_plan(meta_model, plan)
-    if not count:
-        return {}
-    edited = plan is not None and plan.edits
-    after, why_after, scope_after = count_macs_scoped(meta_model) if edited else (before, why, scope)
-    report = {"input_size": list(input_size(meta_model)), "macs_before": before, "macs_after": after}
-    if scope or scope_after:
-        report["macs_scope"] = scope or scope_after
-    if why or why_after:
-        report["macs_error"] = why or why_after
+    before = meta_pass(meta_model, check=False, count=count)
+    after = _patched_pass(meta_model, plan, before, check=False, count=count)
+    return macs_report(before, after, input_size(meta_model)) if count else {}
+
+
+def _patched_pass(
+    meta_model: nn.Module, plan: Plan | None, before: MetaPass, check: bool, count: bool
+) -> MetaPass:
+    """Apply ``plan`` to ``meta_model`` and run it once on the meta device (see ``meta_pass``);
+    a plan with no edits changes nothing, and ``before`` stands for the patched model too."""
+    if plan is None or not plan.edits:
+        return before
+    apply_plan(meta_model, plan)
+    return meta_pass(meta_model, check=check, count=count)
+
+
+def macs_report(before: MetaPass, after: MetaPass, size: tuple[int, int, int]) -> dict[str, Any]:
+    """The MACs entries of a report: the input size, the MACs before and after, and where
+    counting failed or only counted a backbone, why and which (``macs_error``, ``macs_scope``)."""
+    report: dict[str, Any] = {"input_size": list(size), "macs_before": before.macs, "macs_after": after.macs}
+    if before.scope or after.scope:
+        report["macs_scope"] = before.scope or after.scope
+    if before.why or after.why:
+        report["macs_error"] = before.why or after.why
     return report
 
 
@@ -469,7 +480,9 @@ def _check_calibration_channels(job: _Job) -> None:
 def _plan_only(job: _Job, flops: bool, timm_native: bool) -> Conversion:
     """A dry run: a checkpoint's keys checked against the meta build, MACs counted on it."""
     if job.path is not None and job.strict:
-        check_fits(job.meta, shapes_of(read_state_dict(job.path)), _what(job), job.origin.name)
+        check_fits(
+            job.meta, shapes_of(read_state_dict(job.path, shapes_only=True)), _what(job), job.origin.name
+        )
     macs = macs_before_after(job.meta, job.plan, count=flops)  # leaves ``job.meta`` patched
     native = _native(job, job.meta, timm_native)
     return Conversion(
@@ -496,18 +509,22 @@ def _what(job: _Job) -> str:
 
 
 def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversion:
-    """Load the weights, apply the plan with the chosen init, and check the result on a
-    meta-device twin of the original (for shapes and MACs) and on a small real input."""
-    expected = meta_output_shape(job.meta) if check else None  # before any work: can the model run?
+    """Load the weights, apply the plan with the chosen init, and check the result: one
+    meta-device pass of the original and one of its patched twin give the output shapes and
+    the MACs, and the patched model runs once on a small real input for finite values."""
+    # a twin of the build, taken before the weights consume it, runs on the meta device (never
+    # the build itself: a forward pass may leave meta tensors cached in it, as detection models do)
+    twin = copy.deepcopy(job.meta) if check or flops else None
+    before = meta_pass(twin, check, flops) if twin is not None else None  # before any work: can it run?
     original = _original(job)
-    twin = copy.deepcopy(job.meta) if check or flops else None  # before the weights consume the build
     model, loaded = _load_weights(job)
     init_report = _start_kernels(model, job)
     result, macs = None, {}
     if twin is not None:
-        macs = macs_before_after(twin, job.plan, count=flops)  # leaves ``twin`` patched
+        after = _patched_pass(twin, job.plan, before, check, flops)
+        macs = macs_report(before, after, input_size(twin)) if flops else {}
         if check:
-            result = _check(model, twin, expected, job.seed)
+            result = _check(model, before.shape, after.shape, job.seed)
     native = _native(job, model, timm_native)
     return Conversion(
         model, job.plan, job.origin.kwargs, job.source, result, macs, native, loaded, init_report,
@@ -542,10 +559,9 @@ def _start_kernels(model: nn.Module, job: _Job) -> dict[str, Any]:
     return _initialise(model, job.plan, job.init, batches) | {"calibration": described}
 
 
-def _check(model: nn.Module, twin: nn.Module, expected: list, seed: int) -> dict[str, Any]:
-    """The forward check: the patched twin's output shape is the original's, and the
-    patched model's outputs on a small input are finite."""
-    shape = meta_output_shape(twin)
+def _check(model: nn.Module, expected: list, shape: list, seed: int) -> dict[str, Any]:
+    """The forward check: the patched twin's output ``shape`` is the original's (``expected``),
+    and the patched model's outputs on a small input are finite."""
     if shape != expected:
         raise SurgeryError(SHAPE_CHANGED.format(expected=expected))
     result = forward_check(model, sample_input(model, seed))

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import CheckpointError
+from .jsontext import loads_strict
 from .paths import stat_input
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -42,6 +43,72 @@ def read_safetensors(
             f"Checkpoint {str(path)!r} is not a readable safetensors file ({_first_line(exc)}). {hint}"
         ) from None
     return tensors, metadata
+
+
+# safetensors' dtype names, and the largest header it reads (100 MB: its own limit)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+}  # fmt: skip
+MAX_HEADER = 100_000_000
+
+
+def read_safetensors_header(
+    path: str | Path, hint: str = "Pass a .safetensors file saved from the source model's state_dict."
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as empty meta-device tensors (dtype and shape only),
+    from its header alone: 8 bytes of length, then that much JSON (bounded); the data is
+    never read. The header is checked as safetensors checks it (every tensor's bytes inside
+    the file, the data exactly covered), with the errors of :func:`read_safetensors`."""
+    path = Path(path)
+    size = _file_size(path)
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            if not 2 <= length <= min(MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = loads_strict(f.read(length).decode("utf-8"))
+        return _header_tensors(header, size - 8 - length)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:  # UnicodeError is a ValueError
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} is not a readable safetensors file ({_first_line(exc)}). {hint}"
+        ) from None
+
+
+def _file_size(path: Path) -> int:
+    """The size of checkpoint ``path``; a CheckpointError for a folder or a missing file."""
+    found = stat_input(path, "Checkpoint", CheckpointError)
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint {str(path)!r} is a folder; pass the weights file in it.")
+    if found is None or not path.is_file():
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist; check the path.")
+    return found.st_size
+
+
+def _header_tensors(header: object, data_size: int) -> dict[str, torch.Tensor]:
+    """Meta-device tensors of a parsed safetensors ``header`` whose data takes ``data_size``
+    bytes; a ValueError where an entry is malformed or the offsets do not tile the data."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    tensors, spans = {}, []
+    for name in sorted(k for k in header if k != "__metadata__"):  # in safe_open's order
+        entry = header[name]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        shape, (begin, end) = entry["shape"], entry["data_offsets"]
+        if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
+            raise ValueError(f"tensor {name[:80]!r} has a malformed shape or offsets")
+        tensors[name] = torch.empty(shape, dtype=dtype, device="meta")
+        if end - begin != tensors[name].numel() * tensors[name].element_size():
+            raise ValueError(f"tensor {name[:80]!r} has offsets that do not match its shape")
+        spans.append((begin, end))
+    spans.sort()
+    if [b for b, _ in spans] != [0, *(end for _, end in spans[:-1])] or (
+        spans[-1][1] if spans else 0
+    ) != data_size:
+        raise ValueError("its tensors' offsets do not cover the data exactly")
+    return tensors
 
 
 # the wrapper keys timm's load_state_dict unwraps (EMA weights first), and the prefixes of
@@ -100,10 +167,11 @@ def _describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-def unwrap_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: object, path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """The flat ``str -> Tensor`` state_dict in ``obj``: unwrapped from a training wrapper
     (``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``, as timm does) and
-    stripped of a ``module.``/``_orig_mod.`` prefix; a CheckpointError for anything else."""
+    stripped of a ``module.``/``_orig_mod.`` prefix; a CheckpointError for anything else.
+    ``meta``: the tensors are a header's (meta device, shapes only), which is allowed."""
     what = f"Checkpoint {str(path)!r}"
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} holds {_describe(obj)}, not a state_dict; {NOT_A_STATE_DICT}")
@@ -135,17 +203,18 @@ def unwrap_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
                 f"{what} holds {name!r} twice (with and without a prefix); {NOT_A_STATE_DICT}"
             )
         state[name] = tensor
-    check_tensors(state, what)
+    check_tensors(state, what, meta)
     return state
 
 
-def check_tensors(state: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse sparse, quantized or complex tensors, and floating tensors of mixed dtypes
-    (a model takes one floating dtype; fp16, bf16, fp32 and fp64 are all kept as they are)."""
+def check_tensors(state: dict[str, torch.Tensor], what: str, meta: bool = False) -> None:
+    """Refuse sparse, quantized or complex tensors, tensors on the meta device (unless
+    ``meta``), and floating tensors of mixed dtypes (a model takes one floating dtype; fp16,
+    bf16, fp32 and fp64 are all kept as they are)."""
     odd = [
         k
         for k, t in state.items()
-        if t.layout != torch.strided or t.is_quantized or t.is_complex() or t.is_meta
+        if t.layout != torch.strided or t.is_quantized or t.is_complex() or (t.is_meta and not meta)
         or (t.is_floating_point() and t.dtype not in FLOAT_DTYPES)
     ]  # fmt: skip
     if odd:
@@ -162,14 +231,18 @@ def check_tensors(state: dict[str, torch.Tensor], what: str) -> None:
         )
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a local checkpoint file, unwrapped from common training wrappers."""
+def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict in a local checkpoint file, unwrapped from common training wrappers;
+    the file is read once. ``shapes_only``: of a safetensors file, only the header is read,
+    and the tensors are empty ones on the meta device (dtype and shape, for checking keys)."""
     path = Path(path)
     stat_input(path, "Checkpoint", CheckpointError)
     if path.is_dir() or not path.is_file():
         read_safetensors(path)  # the error for a folder or a missing file
     if path.suffix in TORCH_SUFFIXES:
         return unwrap_state_dict(_load_torch(path), path)
+    if shapes_only:
+        return unwrap_state_dict(read_safetensors_header(path), path, meta=True)
     return unwrap_state_dict(read_safetensors(path)[0], path)
 
 
