@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class MetaPass:
     macs: int | None
     why: str | None = None
     scope: str = ""
+    modules: dict[str, int] = field(default_factory=dict)  # MACs per module path, where counted whole
 
 
 def meta_pass(meta: nn.Module, check: bool = True, count: bool = True) -> MetaPass:
@@ -57,7 +58,7 @@ def meta_pass(meta: nn.Module, check: bool = True, count: bool = True) -> MetaPa
 
     if not count:
         return MetaPass(meta_output_shape(meta) if check else None, None)
-    if not check or shape_module(meta) is not meta:
+    if shape_module(meta) is not meta:
         return MetaPass(meta_output_shape(meta) if check else None, *count_macs_scoped(meta))
     x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
     counter = FlopCounterMode(display=False)
@@ -65,8 +66,20 @@ def meta_pass(meta: nn.Module, check: bool = True, count: bool = True) -> MetaPa
         with torch.no_grad(), eval_mode(meta), counter:
             out = run(meta, x)
     except SurgeryError:  # the separate passes say which failed: running, or counting only
-        return MetaPass(meta_output_shape(meta), *count_macs_scoped(meta))
-    return MetaPass(shape_of(out), counter.get_total_flops() // 2)
+        return MetaPass(meta_output_shape(meta) if check else None, *count_macs_scoped(meta))
+    shape = shape_of(out) if check else None
+    return MetaPass(shape, counter.get_total_flops() // 2, modules=module_macs(counter, meta))
+
+
+def module_macs(counter: FlopCounterMode, model: nn.Module) -> dict[str, int]:
+    """The MACs each module of ``model`` ran in ``counter``'s pass (children included), by path;
+    torch names them after the root's class (``ResNet.layer1.0.se``)."""
+    prefix = f"{type(model).__name__}."
+    return {
+        name.removeprefix(prefix): sum(ops.values()) // 2
+        for name, ops in counter.get_flop_counts().items()
+        if name.startswith(prefix)
+    }
 
 
 def shape_module(model: nn.Module) -> nn.Module:

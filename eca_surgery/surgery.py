@@ -23,6 +23,7 @@ from .checks import SHAPE_CHANGED, MetaPass, forward_check, meta_pass, sample_in
 from .choices import DType, Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
+from .edits import Position
 from .errors import CheckpointError, SurgeryError
 from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
 from .models import (
@@ -171,7 +172,21 @@ def _patched_pass(
     if plan is None or not plan.edits:
         return before
     apply_plan(meta_model, plan)
-    return meta_pass(meta_model, check=check, count=count)
+    derived = derived_macs(before, plan) if count else None
+    if derived is None:
+        return meta_pass(meta_model, check=check, count=count)
+    return MetaPass(meta_pass(meta_model, check=True, count=False).shape if check else None, derived)
+
+
+def derived_macs(before: MetaPass, plan: Plan) -> int | None:
+    """The patched model's MACs from the original's pass, without running it again: the MACs of
+    each module replaced in place come off, and each ECA's convolution (``channels`` x
+    ``kernel_size`` MACs; pooling and gates are not counted) goes on. None where the original
+    was not counted whole module by module (a detection model's backbone only)."""
+    if before.macs is None or before.scope or not before.modules:
+        return None
+    removed = sum(before.modules.get(e.path, 0) for e in plan.edits if e.position == Position.IN_PLACE)
+    return before.macs - removed + sum(e.channels * e.kernel_size for e in plan.edits)
 
 
 def macs_report(before: MetaPass, after: MetaPass, size: tuple[int, int, int]) -> dict[str, Any]:
