@@ -86,13 +86,31 @@ def _read_json(path: Path) -> Any:
     from .jsontext import loads_strict
 
     try:
-        with open(path, "rb") as f:
+        with open(_open_regular(path), "rb") as f:
             data = f.read(MAX_BYTES + 1)
         if len(data) > MAX_BYTES:
             return None
         return loads_strict(data.decode("utf-8"))
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, an OSError unless it is a regular file: opened
+    without blocking, so that a FIFO (or a link to one) named like a cache file never hangs
+    the scan, and a device (``/dev/zero``) is never read."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _discard(path: Path) -> None:

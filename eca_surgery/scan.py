@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .choices import ScanSource, Sort, choice
+from .choices import MAX_JOBS, ScanSource, Sort, choice
 from .errors import SurgeryError
 from .recipe import EcaOptions, Recipe, Rule, Selector
 
@@ -271,6 +271,22 @@ def _assemble(names: list[str], outcomes: dict[str, Outcome], notes: list[str]) 
     return ScanResult(rows, failures, without, len(names), notes)
 
 
+def _check_pool(jobs: int, timeout: float) -> None:
+    """A SurgeryError for a ``jobs`` or ``timeout`` no pool can run with."""
+    import math
+
+    if type(jobs) is not int or not 1 <= jobs <= MAX_JOBS:
+        raise SurgeryError(
+            f"`jobs` must be a whole number from 1 to {MAX_JOBS}, not {jobs!r}; pass the worker "
+            "processes to build models in (the cores available is a good choice)."
+        )
+    if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout <= 0:
+        raise SurgeryError(
+            f"`timeout` must be a positive number of seconds, not {timeout!r}; pass how long one "
+            f"model may take in a worker (default {DEFAULT_TIMEOUT:g})."
+        )
+
+
 def scan(
     names: Iterable[str],
     flops: bool = True,
@@ -293,6 +309,7 @@ def scan(
     one model; tests pass one that crashes."""
     from functools import partial
 
+    _check_pool(jobs, timeout)
     names = list(names)
     store = OutcomeCache(flops, refresh) if cache else None
     outcomes = store.lookup(names) if store is not None else {}
