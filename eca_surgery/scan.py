@@ -6,6 +6,7 @@ whole zoo costs only the time to construct each model and count its MACs.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -95,7 +96,10 @@ def scan_model(name: str, flops: bool = True) -> ScanRow | None:
 
 _ROW_TYPES: dict[str, Callable[[Any], bool]] = {
     "model": lambda v: isinstance(v, str),
-    "se_blocks": lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
+    # class names: identifiers (so a tampered cache cannot slip markup into the table)
+    "se_blocks": lambda v: (
+        isinstance(v, dict) and all(k.isidentifier() and type(n) is int for k, n in v.items())
+    ),
     "params_before": lambda v: type(v) is int,
     "params_after": lambda v: type(v) is int,
     "macs_before": lambda v: v is None or type(v) is int,
@@ -151,8 +155,10 @@ class OutcomeCache:
         return found
 
     def put(self, name: str, outcome: Outcome) -> None:
-        if outcome.lasting:  # a crash or a hang may not happen again: scan it again next time
+        if outcome.lasting:
             self._file(name).put(name, outcome_to_json(outcome))
+        else:  # a crash or a hang may not happen again: scan it again next time
+            self._file(name).drop(name)
 
     def save(self) -> list[str]:
         """Write what was added; the notes (at most one) where the cache could not be written."""
@@ -348,6 +354,9 @@ def _list_names(pattern: str, source: ScanSource) -> list[str]:
     return timm.list_models(pattern)
 
 
+_NAME = re.compile(r"[\w.:-]+")  # what a model name is made of (timm's, torchvision:NAME)
+
+
 def _cached_names(pattern: str, source: ScanSource, refresh: bool, warm: bool) -> list[str]:
     """The model list of ``pattern``, kept in the cache (so that a cached scan imports
     neither timm nor torch); listed and kept where missing, after starting the workers'
@@ -356,7 +365,7 @@ def _cached_names(pattern: str, source: ScanSource, refresh: bool, warm: bool) -
 
     file = CacheFile.open(cache_dir(), cache_key(source.value, "names"), refresh)
     names = file.entries.get(pattern)
-    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+    if isinstance(names, list) and names and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names):
         return names
     if warm:
         from .workers import warm_up

@@ -146,3 +146,52 @@ def test_an_empty_safetensors_file_reads_as_the_full_read_does(tmp_path):
     save_file({}, tmp_path / "empty.safetensors")
     assert read_safetensors_header(tmp_path / "empty.safetensors") == {}
     assert read_safetensors(tmp_path / "empty.safetensors")[0] == {}
+
+
+def _scan_file() -> Path:
+    (path,) = cache_dir().glob("scan-*.json")
+    return path
+
+
+def test_markup_in_a_tampered_cache_never_reaches_the_table():
+    """A cached row whose class names hold rich markup was a MarkupError traceback; such a
+    row (and a model list of names no source has) is not ours: it is rebuilt."""
+    from cli_helpers import run_ok
+
+    run_ok(["scan", "seresnet18", "--jobs", "1"])
+    data = json.loads(_scan_file().read_text())
+    data["entries"]["seresnet18"]["row"]["se_blocks"] = {"[/bogus]": 8}
+    _scan_file().write_text(json.dumps(data))
+    (names_file,) = cache_dir().glob("names-*.json")
+    names = json.loads(names_file.read_text())
+    names["entries"]["seresnet18"] = ["[/bogus]"]
+    names_file.write_text(json.dumps(names))
+    out = run_ok(["scan", "seresnet18", "--jobs", "1"])
+    assert "8xSEModule" in out and "bogus" not in out
+
+
+def test_two_scans_saving_at_once_keep_each_others_rows():
+    key = cache_key("timm", "scan", False)
+    first, second = CacheFile.open(cache_dir(), key), CacheFile.open(cache_dir(), key)
+    first.put("a", {})
+    second.put("b", {})
+    assert first.save() is None and second.save() is None
+    assert set(CacheFile.open(cache_dir(), key).entries) == {"a", "b"}
+
+
+def test_refresh_of_some_models_keeps_the_others_and_drops_a_crash():
+    """``scan 'seres*' --refresh`` wiped every other model's row (the next whole-zoo scan
+    started over); a model that now crashes loses its old row."""
+    from eca_surgery.scan import Outcome, OutcomeCache
+
+    old = OutcomeCache(flops=False)
+    for name in ("kept", "rescanned", "crashes"):
+        old.put(name, Outcome())
+    old.save()
+    new = OutcomeCache(flops=False, refresh=True)
+    assert new.lookup(["rescanned", "crashes"]) == {}
+    new.put("rescanned", Outcome(failure="now fails"))
+    new.put("crashes", Outcome(failure="crashed", lasting=False))
+    new.save()
+    found = OutcomeCache(flops=False).lookup(["kept", "rescanned", "crashes"])
+    assert found == {"kept": Outcome(), "rescanned": Outcome(failure="now fails")}
