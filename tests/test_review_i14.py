@@ -15,7 +15,7 @@ from cli_helpers import runner
 from eca_surgery.cache import CacheFile, cache_dir, cache_key
 from eca_surgery.cli import app
 from eca_surgery.errors import SurgeryError
-from eca_surgery.scan import scan
+from eca_surgery.scan import WORKER_PRELOAD, scan
 from eca_surgery.workers import MAX_WAIT, WorkerPool
 
 
@@ -65,7 +65,7 @@ def test_a_link_to_a_device_named_like_a_cache_file_is_not_read():
 @pytest.mark.parametrize("timeout", [float("inf"), 1e300])
 def test_a_huge_timeout_never_reaches_select(timeout):
     """``--timeout 1e300`` (or inf) was an OverflowError traceback out of ``wait``."""
-    pool = WorkerPool(str, 2, timeout, [])
+    pool = WorkerPool(str, 2, timeout, WORKER_PRELOAD)
     assert pool._wait_time() == MAX_WAIT
 
 
