@@ -86,13 +86,39 @@ def _read_json(path: Path) -> Any:
     from .jsontext import loads_strict
 
     try:
-        with open(path, "rb") as f:
+        with open(_open_regular(path), "rb") as f:
             data = f.read(MAX_BYTES + 1)
         if len(data) > MAX_BYTES:
             return None
         return loads_strict(data.decode("utf-8"))
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, an OSError unless it is a regular file: opened
+    without blocking, so that a FIFO (or a link to one) named like a cache file never hangs
+    the scan, and a device (``/dev/zero``) is never read."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _entries(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The entries of the cache file ``path`` where it is one written for ``key``, else none."""
+    data = _read_json(path)
+    if isinstance(data, dict) and data.get("key") == key and isinstance(data.get("entries"), dict):
+        return {k: v for k, v in data["entries"].items() if isinstance(k, str)}
+    return {}
 
 
 def _discard(path: Path) -> None:
@@ -105,27 +131,34 @@ def _discard(path: Path) -> None:
 @dataclass
 class CacheFile:
     """One cache file: str -> a JSON value the caller checks (a model's outcome, a pattern's
-    model list). ``dirty`` when something was added since it was read."""
+    model list). ``dirty`` when something was added (or dropped) since it was read; saving
+    merges in what the file holds by then (another scan's entries, or other models' where
+    this one was opened with ``refresh``)."""
 
     path: Path
     key: dict[str, Any]
     entries: dict[str, Any] = field(default_factory=dict)
     dirty: bool = False
+    dropped: set[str] = field(default_factory=set)  # names whose entries saving removes
 
     @classmethod
     def open(cls, folder: Path, key: dict[str, Any], refresh: bool = False) -> CacheFile:
         """The cache file of ``key`` in ``folder``, empty with ``refresh`` or where the file
         is missing, unreadable, or not one this version wrote for ``key``."""
         cache = cls(folder / _file_name(key), key)
-        data = None if refresh else _read_json(cache.path)
-        if isinstance(data, dict) and data.get("key") == key:
-            entries = data.get("entries")
-            if isinstance(entries, dict):
-                cache.entries = {k: v for k, v in entries.items() if isinstance(k, str)}
+        if not refresh:
+            cache.entries = _entries(cache.path, key)
         return cache
 
     def put(self, name: str, value: Any) -> None:
         self.entries[name] = value
+        self.dropped.discard(name)
+        self.dirty = True
+
+    def drop(self, name: str) -> None:
+        """Forget ``name``'s entry, here and (on saving) in the file."""
+        self.entries.pop(name, None)
+        self.dropped.add(name)
         self.dirty = True
 
     def save(self) -> str | None:
@@ -135,6 +168,9 @@ class CacheFile:
             return None
         from .outputs import temp_path
 
+        # what another scan wrote since (or, with refresh, other models' entries) is kept
+        kept = {k: v for k, v in _entries(self.path, self.key).items() if k not in self.dropped}
+        self.entries = {**kept, **self.entries}
         body = {"key": self.key, "entries": self.entries}
         tmp = temp_path(self.path)
         try:

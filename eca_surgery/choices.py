@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 MAX_WORKERS = 256  # DataLoader worker processes heal may start
+MAX_JOBS = 256  # worker processes scan may start (each a whole Python process)
 
 
 class Init(str, Enum):

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .choices import MAX_WORKERS, DType, Init, ScanSource, Sort, Train
+from .choices import MAX_JOBS, MAX_WORKERS, DType, Init, ScanSource, Sort, Train
 from .errors import StoppedBySignal, SurgeryError, with_flags
 from .jsontext import loads_strict
 
@@ -249,6 +249,7 @@ FLAGS = {
     "device": "--device",
     "workers": "--workers",
     "jobs": "--jobs",
+    "timeout": "--timeout",
     "dtype": "--dtype",
     "hub_dir": "--hub-dir",
     "onnx": "--onnx",
@@ -531,7 +532,11 @@ def scan(
     jobs: Annotated[
         Optional[int],
         typer.Option(
-            "--jobs", "-j", min=1, help="Worker processes building models (default: the cores available)."
+            "--jobs",
+            "-j",
+            min=1,
+            max=MAX_JOBS,
+            help="Worker processes building models (default: the cores available).",
         ),
     ] = None,
     timeout: Annotated[

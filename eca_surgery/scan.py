@@ -6,12 +6,13 @@ whole zoo costs only the time to construct each model and count its MACs.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .choices import ScanSource, Sort, choice
+from .choices import MAX_JOBS, ScanSource, Sort, choice
 from .errors import SurgeryError
 from .recipe import EcaOptions, Recipe, Rule, Selector
 
@@ -95,7 +96,10 @@ def scan_model(name: str, flops: bool = True) -> ScanRow | None:
 
 _ROW_TYPES: dict[str, Callable[[Any], bool]] = {
     "model": lambda v: isinstance(v, str),
-    "se_blocks": lambda v: isinstance(v, dict) and all(type(n) is int for n in v.values()),
+    # class names: identifiers (so a tampered cache cannot slip markup into the table)
+    "se_blocks": lambda v: (
+        isinstance(v, dict) and all(k.isidentifier() and type(n) is int for k, n in v.items())
+    ),
     "params_before": lambda v: type(v) is int,
     "params_after": lambda v: type(v) is int,
     "macs_before": lambda v: v is None or type(v) is int,
@@ -151,8 +155,10 @@ class OutcomeCache:
         return found
 
     def put(self, name: str, outcome: Outcome) -> None:
-        if outcome.lasting:  # a crash or a hang may not happen again: scan it again next time
+        if outcome.lasting:
             self._file(name).put(name, outcome_to_json(outcome))
+        else:  # a crash or a hang may not happen again: scan it again next time
+            self._file(name).drop(name)
 
     def save(self) -> list[str]:
         """Write what was added; the notes (at most one) where the cache could not be written."""
@@ -271,6 +277,22 @@ def _assemble(names: list[str], outcomes: dict[str, Outcome], notes: list[str]) 
     return ScanResult(rows, failures, without, len(names), notes)
 
 
+def _check_pool(jobs: int, timeout: float) -> None:
+    """A SurgeryError for a ``jobs`` or ``timeout`` no pool can run with."""
+    import math
+
+    if type(jobs) is not int or not 1 <= jobs <= MAX_JOBS:
+        raise SurgeryError(
+            f"`jobs` must be a whole number from 1 to {MAX_JOBS}, not {jobs!r}; pass the worker "
+            "processes to build models in (the cores available is a good choice)."
+        )
+    if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout <= 0:
+        raise SurgeryError(
+            f"`timeout` must be a positive number of seconds, not {timeout!r}; pass how long one "
+            f"model may take in a worker (default {DEFAULT_TIMEOUT:g})."
+        )
+
+
 def scan(
     names: Iterable[str],
     flops: bool = True,
@@ -293,6 +315,7 @@ def scan(
     one model; tests pass one that crashes."""
     from functools import partial
 
+    _check_pool(jobs, timeout)
     names = list(names)
     store = OutcomeCache(flops, refresh) if cache else None
     outcomes = store.lookup(names) if store is not None else {}
@@ -331,6 +354,9 @@ def _list_names(pattern: str, source: ScanSource) -> list[str]:
     return timm.list_models(pattern)
 
 
+_NAME = re.compile(r"[\w.:-]+")  # what a model name is made of (timm's, torchvision:NAME)
+
+
 def _cached_names(pattern: str, source: ScanSource, refresh: bool, warm: bool) -> list[str]:
     """The model list of ``pattern``, kept in the cache (so that a cached scan imports
     neither timm nor torch); listed and kept where missing, after starting the workers'
@@ -339,7 +365,7 @@ def _cached_names(pattern: str, source: ScanSource, refresh: bool, warm: bool) -
 
     file = CacheFile.open(cache_dir(), cache_key(source.value, "names"), refresh)
     names = file.entries.get(pattern)
-    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+    if isinstance(names, list) and names and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names):
         return names
     if warm:
         from .workers import warm_up

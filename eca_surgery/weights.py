@@ -92,23 +92,51 @@ def _header_tensors(header: object, data_size: int) -> dict[str, torch.Tensor]:
     bytes; a ValueError where an entry is malformed or the offsets do not tile the data."""
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its __metadata__ is not a mapping of strings to strings")
     tensors, spans = {}, []
     for name in sorted(k for k in header if k != "__metadata__"):  # in safe_open's order
-        entry = header[name]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        shape, (begin, end) = entry["shape"], entry["data_offsets"]
-        if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
-            raise ValueError(f"tensor {name[:80]!r} has a malformed shape or offsets")
-        tensors[name] = torch.empty(shape, dtype=dtype, device="meta")
-        if end - begin != tensors[name].numel() * tensors[name].element_size():
-            raise ValueError(f"tensor {name[:80]!r} has offsets that do not match its shape")
-        spans.append((begin, end))
+        tensors[name], span = _header_entry(name, header[name], data_size)
+        spans.append(span)
     spans.sort()
-    if [b for b, _ in spans] != [0, *(end for _, end in spans[:-1])] or (
-        spans[-1][1] if spans else 0
-    ) != data_size:
+    ends = [end for _, end in spans]
+    if [b for b, _ in spans] != [0, *ends[:-1]][: len(spans)] or (ends[-1] if ends else 0) != data_size:
         raise ValueError("its tensors' offsets do not cover the data exactly")
     return tensors
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
+    """The bytes of a tensor of ``shape``, or ``limit`` + 1 once it is known to exceed
+    ``limit`` (so that a hostile shape of a million dimensions is never multiplied out)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for n in shape:
+        total *= n
+        if total > limit:
+            return limit + 1
+    return total
+
+
+def _header_entry(name: str, entry: object, data_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The meta-device tensor and the data span of one safetensors header entry (its data
+    within ``data_size`` bytes: checked before any tensor is made); a ValueError naming the tensor and what is wrong with its entry."""
+    what = f"tensor {name[:80]!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"{what} is not an entry with a dtype, a shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{what} has an unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise ValueError(f"{what} has a malformed shape or offsets")
+    if not all(type(n) is int and n >= 0 for n in (*shape, *offsets)):
+        raise ValueError(f"{what} has a malformed shape or offsets")
+    if offsets[1] - offsets[0] != _nbytes(shape, SAFETENSORS_DTYPES[dtype].itemsize, data_size):
+        raise ValueError(f"{what} has offsets that do not match its shape")
+    if offsets[1] > data_size:
+        raise ValueError(f"{what} has offsets beyond the end of the file")
+    return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta"), (offsets[0], offsets[1])
 
 
 # the wrapper keys timm's load_state_dict unwraps (EMA weights first), and the prefixes of

@@ -23,6 +23,7 @@ from .errors import SurgeryError
 
 READY = "ready"
 MAX_START_FAILURES = 3
+MAX_WAIT = 60.0  # the longest one wait for the workers may be (select rejects huge ones)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ class WorkerPool:
     def _wait_time(self) -> float:
         """Seconds until the first worker runs out of time (starting ones included)."""
         deadlines = [w.since + self.timeout for w in self.workers if w.name is not None or not w.ready]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else self.timeout
+        until = min(deadlines) - time.monotonic() if deadlines else self.timeout
+        return min(max(0.0, until), MAX_WAIT)  # a huge (or infinite) timeout: wait again
 
     def _check(self, worker: _Worker, ready: set[Any], todo: deque[str]) -> Iterator[tuple[str, Any]]:
         """Take ``worker``'s message, or replace it where it died or ran out of time."""
