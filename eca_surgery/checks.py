@@ -31,8 +31,35 @@ def meta_output_shape(meta: nn.Module) -> list:
     """The output shape(s) of ``meta`` (a meta-device model) at its default input size; for a
     torchvision detection model, of its backbone (see :func:`shape_module`)."""
     x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
-    with torch.no_grad():
+    with torch.no_grad(), shape_only_norms(meta):
         return shape_of(run(shape_module(meta), x))
+
+
+def _same_shape(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@contextmanager
+def shape_only_norms(model: nn.Module) -> Iterator[None]:
+    """For a pass on the meta device, let each BatchNorm (timm's norm-and-activation layers
+    included) give an empty tensor of its input's shape: on meta, eval-mode batch norm runs
+    torch's Python decomposition, most of a meta pass's time, only to return that shape, and
+    the MAC count leaves normalisation out anyway. A model with real weights is left alone."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" not in m.__dict__
+    ]
+    if not norms or not all(t.is_meta for m in norms for t in m.parameters()):
+        yield
+        return
+    for m in norms:
+        m.forward = _same_shape
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
 
 
 @dataclass(frozen=True)
@@ -63,7 +90,7 @@ def meta_pass(meta: nn.Module, check: bool = True, count: bool = True) -> MetaPa
     x = torch.empty(1, *input_size(meta), device="meta", dtype=float_dtype(meta))
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), eval_mode(meta), counter:
+        with torch.no_grad(), eval_mode(meta), shape_only_norms(meta), counter:
             out = run(meta, x)
     except SurgeryError:  # the separate passes say which failed: running, or counting only
         return MetaPass(meta_output_shape(meta) if check else None, *count_macs_scoped(meta))

@@ -36,3 +36,23 @@ def test_derived_macs_equal_a_counted_pass(name, recipe):
     report = macs_before_after(meta, plan)
     assert report["macs_after"] == counted
     assert report["macs_before"] > report["macs_after"] or "se-to-eca" not in recipe
+
+
+@pytest.mark.parametrize("name", ["seresnet18", "efficientnet_b0", "torchvision:mobilenet_v3_small"])
+def test_shape_only_norms_change_neither_shapes_nor_macs_and_are_undone(name, monkeypatch):
+    import contextlib
+
+    import torch
+
+    import eca_surgery.checks as checks
+
+    meta = create_model(name, meta=True).eval()
+    fast = meta_pass(meta)
+    monkeypatch.setattr(checks, "shape_only_norms", lambda model: contextlib.nullcontext())
+    slow = meta_pass(meta)
+    assert (fast.shape, fast.macs, fast.modules) == (slow.shape, slow.macs, slow.modules)
+    assert not any("forward" in m.__dict__ for m in meta.modules())  # every stand-in removed
+    monkeypatch.undo()
+    real = create_model(name).eval()
+    with torch.no_grad(), checks.shape_only_norms(real):
+        assert not any("forward" in m.__dict__ for m in real.modules())  # real weights: left alone
