@@ -22,30 +22,13 @@ from pathlib import Path
 
 import timm
 import torch
+from export_parity import randomised  # a sibling script: every weight and BN statistic random
 from safetensors.torch import save_file
 
 from eca_surgery import convert, load_patched
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}  # relative to the largest output: ~3 and ~2 digits
-
-
-@torch.no_grad()
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """``model`` with every floating parameter and buffer random (norm scales and running
-    variances in [0.5, 1.5], biases and means small, weights at a fan-in scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not t.is_floating_point():
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "running_var" or (leaf == "weight" and t.dim() == 1):
-            t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-        elif t.dim() <= 1:
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-        else:
-            t.copy_(torch.randn(t.shape, generator=gen) * t[0].numel() ** -0.5)
-    return model
 
 
 def measure(name: str, folder: Path, images: int) -> list[dict]:
