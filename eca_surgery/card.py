@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .models import dense_task
 from .plan import Plan
 
 LICENSE_NOTE = (
@@ -159,11 +160,9 @@ def task_of(model: Any) -> str:
         and not hasattr(model, "get_classifier")
     ):
         return "image-feature-extraction"
-    if package.startswith("torchvision.models.detection"):
-        return "object-detection"
-    if package.startswith("torchvision.models.segmentation"):
-        return "image-segmentation"
-    return "image-classification"
+    return {"detection": "object-detection", "segmentation": "image-segmentation"}.get(
+        dense_task(model) or "", "image-classification"
+    )
 
 
 def _change(position: str, path: str, old_class: str) -> str:

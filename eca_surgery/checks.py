@@ -16,15 +16,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SurgeryError, summary
-from .models import float_dtype, input_size
+from .models import dense_task, float_dtype, input_size
 
 SHAPE_CHANGED = (
     "The patched model's output shape differs from the original's {expected}; the recipe "
     "changed the model's function beyond channel attention. Report this with the recipe."
 )
-
-
-DETECTION_PACKAGE = "torchvision.models.detection"
 
 
 def meta_output_shape(meta: nn.Module) -> list:
@@ -113,7 +110,7 @@ def shape_module(model: nn.Module) -> nn.Module:
     """The part of ``model`` whose output shapes are compared on the meta device: a torchvision
     detection model's backbone (how many boxes the whole model returns depends on the data, which
     meta tensors do not hold; the SE blocks live in the backbone), else the model itself."""
-    if type(model).__module__.startswith(DETECTION_PACKAGE) and isinstance(model.backbone, nn.Module):
+    if dense_task(model) == "detection" and isinstance(model.backbone, nn.Module):
         return model.backbone
     return model
 

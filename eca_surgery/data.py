@@ -7,7 +7,7 @@ torchvision model: from its builder's default weights entry, see :func:`torchvis
 Without a folder, calibration falls back to seeded Gaussian-noise inputs.
 
 torchvision's detection and segmentation models are fed images through their backbone only
-(:func:`feature_path`): that is where their SE blocks live, and the full models want lists of
+(``locate.backbone_path``): that is where their SE blocks live, and the full models want lists of
 images and end in postprocessing that has nothing to calibrate or distil.
 """
 
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import SurgeryError
-from .models import DENSE_PACKAGES, TORCHVISION, input_size
+from .models import TORCHVISION, dense_task, input_size
 from .paths import stat_input
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,20 +89,6 @@ def is_torchvision(model: nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.")
 
 
-def is_dense(model: nn.Module) -> bool:
-    """Whether ``model`` is a torchvision detection or segmentation model."""
-    return type(model).__module__.startswith(DENSE_PACKAGES)
-
-
-def feature_path(model: nn.Module) -> str:
-    """The part of ``model`` that calibration and healing run on images: the backbone
-    (``stages.backbone_path``) of a torchvision detection or segmentation model, else ''
-    (the whole model)."""
-    from .stages import backbone_path
-
-    return backbone_path(model) if is_dense(model) else ""
-
-
 def data_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """The input size, resize, crop and normalisation for ``model``, as timm's
     ``create_transform`` takes them: for a torchvision model (``name`` ``torchvision:ARCH``,
@@ -132,11 +118,11 @@ def torchvision_data_config(model: nn.Module, arch: str | None) -> dict[str, Any
     if crop:
         h = w = crop[0]
         crop_pct = crop[0] / resize[0] if resize else 1.0
-    elif resize and is_dense(model):
+    elif resize and dense_task(model) is not None:
         h = w = resize[0]  # segmentation: the short side is resized to this, kept square here
         crop_pct = 1.0
     else:
-        crop_pct = 1.0 if is_dense(model) else 0.875
+        crop_pct = 1.0 if dense_task(model) is not None else 0.875
     own = getattr(model, "transform", None)  # detection's GeneralizedRCNNTransform normalises inside
     mean = getattr(transform, "mean", None) or getattr(own, "image_mean", None) or IMAGENET_MEAN
     std = getattr(transform, "std", None) or getattr(own, "image_std", None) or IMAGENET_STD

@@ -7,7 +7,7 @@ FLOPs / 2. On the meta device the count costs no compute.
 
 torchvision's detection models cannot be counted whole (their postprocessing needs data:
 ``nonzero`` on the meta device); for them, and any torchvision detection or segmentation
-model whose forward fails, the backbone (``data.feature_path``) is counted instead, at
+model whose forward fails, the backbone (``locate.backbone_path``) is counted instead, at
 ``models.DENSE_INPUT_SIZE``, and the count says so (its scope names the backbone).
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import feature_path
 from .errors import summary
+from .locate import backbone_path
 from .models import input_size
 from .probe import zero_image
 
@@ -56,7 +56,7 @@ def count_macs_scoped(
     detection or segmentation model cannot be counted whole, those of its backbone (scope:
     the backbone's path, e.g. ``backbone.body``) at the model's input size."""
     macs, why = count_macs_or_reason(model, size)
-    path = feature_path(model)
+    path = backbone_path(model)
     if macs is None and path:
         backbone, _ = count_macs_or_reason(model.get_submodule(path), size or input_size(model))
         if backbone is not None:

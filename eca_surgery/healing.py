@@ -4,7 +4,7 @@ The loss is the KL divergence between the teacher's and the student's softened l
 (times T^2, as in Hinton et al.), plus optionally the mean squared difference of
 their feature maps (a timm model's ``forward_features``; a torchvision classifier's input
 to its ``avgpool``). torchvision's detection and segmentation models are distilled on
-their backbone alone (``data.feature_path``, where the SE blocks live): the loss is the
+their backbone alone (``locate.backbone_path``, where the SE blocks live): the loss is the
 mean over the backbone's feature maps of their mean squared difference, and only the
 backbone trains; ``temperature`` and ``feature_weight`` do not apply to them. Only the chosen parameters train: the new ECA
 kernels (``eca``), those and every normalisation layer, whose running statistics also
@@ -41,8 +41,9 @@ from torch import nn
 
 from .checkpoint import Patched, open_patched, write_checkpoint
 from .choices import MAX_WORKERS, DType, Train, choice
-from .data import ImageFiles, data_config, feature_path, image_files, is_torchvision, training_batches
+from .data import ImageFiles, data_config, image_files, is_torchvision, training_batches
 from .errors import CheckpointError, StoppedBySignal, SurgeryError
+from .locate import backbone_path
 from .models import build_with_weights, check_seed, dtype_of, float_dtype, input_size
 from .outputs import check_file_output, check_outputs_apart, clean_outputs, written_together
 from .paths import stat_input
@@ -200,9 +201,9 @@ def _only_under(model: nn.Module, path: str, trainable: list[str]) -> list[str]:
 
 
 def _backbone_holding(patched: Patched, student: nn.Module) -> str:
-    """The part of ``student`` heal distils (``data.feature_path``); a SurgeryError where an
+    """The part of ``student`` heal distils (``locate.backbone_path``); a SurgeryError where an
     ECA lies outside it (a detection or segmentation head): no loss would ever train it."""
-    path = feature_path(student)
+    path = backbone_path(student)
     outside = [e.eca_path for e in patched.plan.edits if path and not e.eca_path.startswith(path + ".")]
     if outside:
         raise SurgeryError(
@@ -263,7 +264,7 @@ def distilled(model: nn.Module, feature_weight: float = 0.0) -> nn.Module:
     ``forward_features`` and logits; a torchvision classifier's pre-pool map (with
     ``feature_weight``) and logits; a torchvision detection or segmentation model's
     backbone feature maps, without logits."""
-    path = feature_path(model)
+    path = backbone_path(model)
     if path:
         return _BackboneMaps(model.get_submodule(path))
     if is_torchvision(model):

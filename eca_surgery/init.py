@@ -14,7 +14,7 @@ sigmoid ECA), the target is the ECA gate's inverse of the SE's gate output inste
 it is trained.
 
 What runs on the calibration inputs is the whole model, except for torchvision's detection
-and segmentation models, where it is their backbone (``data.feature_path``): the SE blocks
+and segmentation models, where it is their backbone (``locate.backbone_path``): the SE blocks
 live there, and the full models take lists of images and end in postprocessing. Their
 fidelity compares the backbone's feature maps, all of them flattened and concatenated per
 sample (one cosine and one worst difference over every map).
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import feature_path
 from .detect import find_adapter, find_se_blocks
 from .errors import SurgeryError
+from .locate import backbone_path
 from .plan import GATE_NAMES, Edit, Plan
 
 INITS = ("default", "fit-se", "identity")
@@ -204,10 +204,10 @@ def zero_kernels(model: nn.Module, edits: list[Edit]) -> None:
 @torch.no_grad()
 def run(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor | list:
     """``model``'s outputs on ``batches`` (its backbone's, for a torchvision detection or
-    segmentation model: see ``data.feature_path``), concatenated on the CPU in float32 (per
+    segmentation model: see ``locate.backbone_path``), concatenated on the CPU in float32 (per
     feature map for a model that returns several)."""
     ref = next(model.parameters())
-    net = model.get_submodule(feature_path(model))
+    net = model.get_submodule(backbone_path(model))
     outs = [net(x.to(ref.device, ref.dtype)) for x in batches]
     if isinstance(outs[0], torch.Tensor):
         return torch.cat([o.float().cpu() for o in outs])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .models import DENSE_PACKAGES
+from .models import dense_task
 
 ATTN_SLOTS = ("se", "attn", "attention", "se_module")
 
@@ -37,8 +37,7 @@ def backbone_path(model: nn.Module) -> str:
     (segmentation models, SSD); else '' (the model itself). A user's own model with a
     ``backbone`` attribute gets '': nothing says that module takes the model's images."""
     backbone = model._modules.get("backbone")
-    dense = any(cls.__module__.startswith(DENSE_PACKAGES) for cls in type(model).__mro__)
-    if not dense or not isinstance(backbone, nn.Module):
+    if dense_task(model) is None or not isinstance(backbone, nn.Module):
         return ""
     if isinstance(backbone._modules.get("body"), nn.Module) and isinstance(
         backbone._modules.get("fpn"), nn.Module

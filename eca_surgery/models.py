@@ -471,13 +471,23 @@ def dtype_of(model: nn.Module) -> str:
     return str(float_dtype(model)).removeprefix("torch.")
 
 
+def dense_task(model: nn.Module) -> str | None:
+    """``'detection'`` or ``'segmentation'`` for a torchvision detection or segmentation model
+    (its class, or a base class of a user's subclass, from those packages), else None."""
+    for cls in type(model).__mro__:
+        for package in DENSE_PACKAGES:
+            if cls.__module__.startswith(package):
+                return package.rsplit(".", 1)[1]
+    return None
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """The model's default (C, H, W) input size: H and W from its timm pretrained config
     (else 224, or :data:`DENSE_INPUT_SIZE` for torchvision's detection and segmentation
     models), C from its first convolution (the config says 3 even for a model built with
     in_chans=1)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    dense = type(model).__module__.startswith(DENSE_PACKAGES)
+    dense = dense_task(model) is not None
     c, h, w = tuple(cfg.get("input_size", DENSE_INPUT_SIZE if dense else (3, 224, 224)))
     return (input_channels(model) or c, h, w)
 

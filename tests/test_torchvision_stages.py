@@ -154,3 +154,28 @@ def test_inserting_outside_a_detection_backbone_is_a_clear_error(tmp_path):
     assert "Place ECA inside its backbone ('backbone.body')" in message
     with pytest.raises(SurgeryError, match="backbone"):
         convert(create_model(name, meta=True, **DENSE), parse_recipe(recipe.read_text()), dry_run=True)
+
+
+def test_a_subclass_of_a_dense_torchvision_model_is_dense_everywhere():
+    """One test (``models.dense_task``) decides: input size, backbone, card task and shape check."""
+    from torchvision.models.segmentation.lraspp import LRASPP
+
+    from eca_surgery.card import task_of
+    from eca_surgery.checks import shape_module
+    from eca_surgery.locate import backbone_path
+    from eca_surgery.models import DENSE_INPUT_SIZE, dense_task, input_size
+
+    base = create_model("torchvision:lraspp_mobilenet_v3_large", meta=True, **DENSE)
+
+    class MyLRASPP(LRASPP):
+        pass
+
+    mine = MyLRASPP.__new__(MyLRASPP)
+    mine.__dict__.update(base.__dict__)
+    for model in (base, mine):
+        assert dense_task(model) == "segmentation" and input_size(model) == DENSE_INPUT_SIZE
+        assert backbone_path(model) == "backbone" and task_of(model) == "image-segmentation"
+        assert shape_module(model) is model  # only detection models compare their backbone
+    detector = create_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", meta=True, **DENSE)
+    assert dense_task(detector) == "detection" and shape_module(detector) is detector.backbone
+    assert dense_task(create_model("torchvision:resnet18", meta=True)) is None
