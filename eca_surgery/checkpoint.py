@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -42,6 +42,7 @@ from .models import (
     loadable,
     meta_copy,
     resolve_name,
+    shapes_of,
 )
 from .outputs import atomic_write_file
 from .plan import Plan, make_plan
@@ -535,12 +536,14 @@ def write_checkpoint(
     force: bool = False,
     original: nn.Module | None = None,
     dtype: DType | str | None = None,
+    built: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions and
     the tensors' dtype) as metadata to ``path`` atomically, its floating tensors cast to
     ``dtype`` if given, after checking that the metadata rebuilds exactly these tensors
-    (from ``original``, the unpatched module, for a ``module:`` record)."""
-    tensors, metadata = checkpoint_contents(model, record, original, dtype)
+    (from ``original``, the unpatched module, for a ``module:`` record; ``built``: see
+    :func:`check_rebuildable`)."""
+    tensors, metadata = checkpoint_contents(model, record, original, dtype, built)
     return atomic_write_file(
         path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
     )
@@ -551,6 +554,7 @@ def checkpoint_contents(
     record: CheckpointRecord,
     original: nn.Module | None = None,
     dtype: DType | str | None = None,
+    built: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata :func:`write_checkpoint` writes, checked (see there)."""
     state_dict = model.state_dict()
@@ -560,7 +564,7 @@ def checkpoint_contents(
         cast = getattr(torch, choice(DType, dtype, "dtype").value)
         tensors = {k: t.to(cast) if t.is_floating_point() else t for k, t in tensors.items()}
     record = replace(record, versions=Versions.current(), dtype=uniform_dtype(tensors))
-    check_rebuildable(tensors, record, original)
+    check_rebuildable(tensors, record, original, built)
     return tensors, record.to_metadata()
 
 
@@ -576,6 +580,7 @@ def save_patched(
     heal: dict[str, Any] | None = None,
     force: bool = False,
     original: nn.Module | None = None,
+    built: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
 
@@ -589,21 +594,28 @@ def save_patched(
     """
     provenance = Provenance(source, native, init or Provenance().init, heal)
     record = CheckpointRecord.of(plan, model_kwargs or {}, provenance, by_name=original is None)
-    return write_checkpoint(model, path, record, force, original)
+    return write_checkpoint(model, path, record, force, original, built=built)
 
 
 def check_rebuildable(
-    tensors: dict[str, torch.Tensor], record: CheckpointRecord, original: nn.Module | None = None
+    tensors: dict[str, torch.Tensor],
+    record: CheckpointRecord,
+    original: nn.Module | None = None,
+    built: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Refuse, before anything is written, to save ``tensors`` with metadata that would not
     rebuild them: ``record`` written as metadata and read back, its model built with its
     kwargs (or, for a ``module:`` record, a meta-device copy of ``original``, the unpatched
     module) and patched by its edits, must have exactly these keys and shapes, as
-    ``load_patched`` will require."""
+    ``load_patched`` will require. ``built`` (key -> shape), from a caller that has just built
+    ``record``'s model by name with these kwargs and patched it by this plan, stands for that
+    build when the metadata reads back as the same model, kwargs and plan."""
     check_model_kwargs(record.model_kwargs, "model_kwargs", CheckpointError, library=_library(record.model))
     what = "The model to save"
     try:
         stored = CheckpointRecord.from_metadata(record.to_metadata(), "the metadata to write")
+        if built is not None and _same_build(stored, record) and shapes_of(tensors) == dict(built):
+            return
         fresh = meta_copy(original) if original is not None and not stored.by_name else None
         rebuilt = rebuild(stored, what, meta=True, model=fresh)
         check_matches(rebuilt, tensors, what, f"{record.model} patched by its edits")
@@ -614,6 +626,20 @@ def check_rebuildable(
             "save_patched(result.model, path, result.plan, model_kwargs=result.model_kwargs), adding "
             "`original=result.original` for a model converted from a module object)."
         ) from None
+
+
+def _same_build(stored: CheckpointRecord, record: CheckpointRecord) -> bool:
+    """Whether ``stored`` (read back from metadata) builds by name what ``record`` describes."""
+    return (
+        stored.by_name
+        and record.by_name
+        and (stored.model, stored.model_kwargs, stored.plan)
+        == (
+            record.model,
+            record.model_kwargs,
+            record.plan,
+        )
+    )
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -59,6 +59,17 @@ def shape_only_norms(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+def left_behind(model: nn.Module) -> tuple:
+    """A cheap fingerprint of every module's own attributes (names, identities, container
+    lengths): equal before and after a forward pass unless the pass left something behind in
+    the model, such as a cache of tensors (on the meta device, useless to the real model)."""
+    return tuple(
+        (k, id(v), len(v) if isinstance(v, (dict, list, set)) else -1)
+        for m in model.modules()
+        for k, v in vars(m).items()
+    )
+
+
 @dataclass(frozen=True)
 class MetaPass:
     """What one meta-device forward pass at the default input size saw: the output shape(s)

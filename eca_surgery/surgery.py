@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from .apply import apply_plan
 from .card import ModelCard, source_license, timm_loading
 from .checkpoint import model_on_meta
-from .checks import SHAPE_CHANGED, MetaPass, forward_check, meta_pass, sample_input
+from .checks import SHAPE_CHANGED, MetaPass, forward_check, left_behind, meta_pass, sample_input
 from .choices import DType, Init, choice
 from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
@@ -33,6 +34,7 @@ from .models import (
     check_fits,
     check_seed,
     create_model,
+    dense_task,
     dtype_of,
     input_size,
     meta_copy,
@@ -93,6 +95,9 @@ class Conversion:
     timm_dir: Path | None = None
     leftovers: list[Path] = field(default_factory=list)
     original: nn.Module | None = field(default=None, repr=False)
+    # key -> shape of the model as convert built it by name with ``model_kwargs`` and patched it
+    # by ``plan``: what rebuilding the saved file gives, so ``save`` need not build it again
+    built: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> str:
@@ -116,6 +121,7 @@ class Conversion:
             init=self.init,
             force=force,
             original=self.original,
+            built=self.built,
         )
 
     def save_timm_dir(self, path: str | Path, *, force: bool = False) -> Path:
@@ -160,22 +166,26 @@ def macs_before_after(meta_model: nn.Module, plan: Plan | None, count: bool = Tr
     the meta device. Where counting fails, ``macs_error`` says why; where only the backbone
     of a detection model could be counted, ``macs_scope`` names it (see ``flops``)."""
     before = meta_pass(meta_model, check=False, count=count)
-    after = _patched_pass(meta_model, plan, before, check=False, count=count)
+    if plan is not None:
+        apply_plan(meta_model, plan)
+    after = _patched_pass(lambda: meta_model, plan, before, check=False, count=count)
     return macs_report(before, after, input_size(meta_model)) if count else {}
 
 
 def _patched_pass(
-    meta_model: nn.Module, plan: Plan | None, before: MetaPass, check: bool, count: bool
+    patched: Callable[[], nn.Module], plan: Plan | None, before: MetaPass, check: bool, count: bool
 ) -> MetaPass:
-    """Apply ``plan`` to ``meta_model`` and run it once on the meta device (see ``meta_pass``);
-    a plan with no edits changes nothing, and ``before`` stands for the patched model too."""
+    """The patched model's output shape and MACs from the original's pass ``before``: the same
+    shape (every edit puts an ECA, which keeps its input's shape, in the place of an SE block,
+    which kept it too, or beside a module), and the MACs derived (see :func:`derived_macs`).
+    Where the MACs cannot be derived, the patched meta-device model ``patched()`` gives runs
+    once on the meta device. A plan with no edits changes nothing."""
     if plan is None or not plan.edits:
         return before
-    apply_plan(meta_model, plan)
     derived = derived_macs(before, plan) if count else None
-    if derived is None:
-        return meta_pass(meta_model, check=check, count=count)
-    return MetaPass(meta_pass(meta_model, check=True, count=False).shape if check else None, derived)
+    if count and derived is None:
+        return meta_pass(patched(), check=check, count=count)
+    return MetaPass(before.shape if check else None, derived)
 
 
 def derived_macs(before: MetaPass, plan: Plan) -> int | None:
@@ -525,26 +535,44 @@ def _what(job: _Job) -> str:
 
 def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversion:
     """Load the weights, apply the plan with the chosen init, and check the result: one
-    meta-device pass of the original and one of its patched twin give the output shapes and
-    the MACs, and the patched model runs once on a small real input for finite values."""
-    # a twin of the build, taken before the weights consume it, runs on the meta device (never
-    # the build itself: a forward pass may leave meta tensors cached in it, as detection models do)
-    twin = copy.deepcopy(job.meta) if check or flops else None
-    before = meta_pass(twin, check, flops) if twin is not None else None  # before any work: can it run?
+    meta-device pass of the original gives its output shape and MACs, the patched model's are
+    derived from them, and the patched model runs once on a small real input for finite values."""
+    job, before = _original_pass(job, check, flops)  # before any work: can it run?
     original = _original(job)
     model, loaded = _load_weights(job)
     init_report = _start_kernels(model, job)
     result, macs = None, {}
-    if twin is not None:
-        after = _patched_pass(twin, job.plan, before, check, flops)
-        macs = macs_report(before, after, input_size(twin)) if flops else {}
+    if before is not None:
+        after = _patched_pass(lambda: _patched_build(job), job.plan, before, check, flops)
+        macs = macs_report(before, after, input_size(model)) if flops else {}
         if check:
             result = _check(model, before.shape, after.shape, job.seed)
     native = _native(job, model, timm_native)
     return Conversion(
         model, job.plan, job.origin.kwargs, job.source, result, macs, native, loaded, init_report,
-        strict=job.strict, original=original,
+        strict=job.strict, original=original, built=shapes_of(model.state_dict()) if job.origin.by_name else None,
     )  # fmt: skip
+
+
+def _patched_build(job: _Job) -> nn.Module:
+    """A fresh meta-device build of the source, patched by the plan."""
+    return apply_plan(_build(job.origin, meta=True).eval(), job.plan)
+
+
+def _original_pass(job: _Job, check: bool, flops: bool) -> tuple[_Job, MetaPass | None]:
+    """The original model's meta-device pass (None: neither ``check`` nor ``flops``), on the
+    build itself, whose weights come later; with a fresh build in ``job`` if the pass left
+    anything behind in it (a cache of meta tensors). A torchvision detection or segmentation
+    model, which caches, and a model object run on a copy."""
+    if not (check or flops):
+        return job, None
+    if dense_task(job.meta) is not None or not job.origin.by_name:
+        return job, meta_pass(copy.deepcopy(job.meta), check, flops)
+    state = left_behind(job.meta)
+    before = meta_pass(job.meta, check, flops)
+    if left_behind(job.meta) != state:
+        job = replace(job, meta=_build(job.origin, meta=True).eval())
+    return job, before
 
 
 def _load_weights(job: _Job) -> tuple[nn.Module, dict[str, list[str]]]:

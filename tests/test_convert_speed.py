@@ -123,10 +123,13 @@ def test_default_convert_runs_each_model_once(tmp_path, monkeypatch):
     runs = _counting(monkeypatch, checks, "run")
     separate = _counting(monkeypatch, flops, "count_macs_or_reason")
     finite = _counting(monkeypatch, surgery, "forward_check")
+    builds = _counting(monkeypatch, surgery, "create_model")
     result = convert("seresnet18", "se-to-eca", checkpoint=path)
-    # the original and the patched twin on the meta device, then the patched model for real
-    assert [x.is_meta for _, x in runs] == [True, True, False]
-    assert not separate and len(finite) == 1
+    result.save(tmp_path / "out.safetensors")
+    # the original on the meta device (the patched model's shape and MACs are derived from it),
+    # then the patched model for real; one build, which save does not repeat to check the file
+    assert [x.is_meta for _, x in runs] == [True, False]
+    assert not separate and len(finite) == 1 and len(builds) == 1
     assert result.macs["macs_before"] > result.macs["macs_after"] > 0
     assert result.check["output_shape_at_default_size"] == [1, 1000] and result.check["finite"]
     assert result.native == {"model": "seresnet18", "kwargs": {"block_args": {"attn_layer": "eca"}}}
@@ -170,3 +173,27 @@ def test_loaded_checkpoint_is_the_converted_model(tmp_path):
     loaded = load_patched(out.output).state_dict()
     assert loaded.keys() == out.model.state_dict().keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state if k in loaded)
+
+
+def test_save_rebuilds_a_model_changed_since_convert(tmp_path):
+    result = convert("seresnet18", "se-to-eca")
+    result.model.layer1[0].extra = torch.nn.Conv2d(1, 1, 1)  # shapes no longer those convert built
+    with pytest.raises(CheckpointError, match="Nothing was written"):
+        result.save(tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_meta_pass_that_leaves_a_cache_behind_gets_a_fresh_build(tmp_path, monkeypatch):
+    forward_head = timm.models.resnet.ResNet.forward_head
+
+    def caching(self, x, pre_logits=False):
+        if getattr(self, "scale", None) is None:  # a cache made on the first pass's device
+            self.scale = torch.ones((), device=x.device)
+        return forward_head(self, x * self.scale, pre_logits)
+
+    monkeypatch.setattr(timm.models.resnet.ResNet, "forward_head", caching)
+    path = tmp_path / "src.safetensors"
+    save_file(timm.create_model("seresnet18").state_dict(), str(path))
+    builds = _counting(monkeypatch, surgery, "create_model")
+    result = convert("seresnet18", "se-to-eca", checkpoint=path)
+    assert len(builds) == 2 and not result.model.scale.is_meta and result.check["finite"]
