@@ -56,8 +56,7 @@ if path == "naive":
     safetensors.torch.save_file(model.state_dict(), out)
 elif path in ("ours", "ours-core"):
     full = path == "ours"
-    result = convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full)
-    result.save(out, force=True)
+    convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full, output=out, force=True)
 elif path == "load_patched":
     load_patched(converted)
 elif path == "verify":

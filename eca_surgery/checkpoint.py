@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -537,15 +537,21 @@ def write_checkpoint(
     original: nn.Module | None = None,
     dtype: DType | str | None = None,
     built: Mapping[str, tuple[int, ...]] | None = None,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions and
     the tensors' dtype) as metadata to ``path`` atomically, its floating tensors cast to
     ``dtype`` if given, after checking that the metadata rebuilds exactly these tensors
     (from ``original``, the unpatched module, for a ``module:`` record; ``built``: see
-    :func:`check_rebuildable`)."""
+    :func:`check_rebuildable`). ``meanwhile`` runs as the file is written, which is kept
+    only if it succeeds (see ``outputs.atomic_write_file``)."""
     tensors, metadata = checkpoint_contents(model, record, original, dtype, built)
     return atomic_write_file(
-        path, lambda tmp: save_safetensors(tensors, tmp, metadata), force, tensor_bytes(tensors)
+        path,
+        lambda tmp: save_safetensors(tensors, tmp, metadata),
+        force,
+        tensor_bytes(tensors),
+        meanwhile=meanwhile,
     )
 
 
@@ -581,6 +587,7 @@ def save_patched(
     force: bool = False,
     original: nn.Module | None = None,
     built: Mapping[str, tuple[int, ...]] | None = None,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
 
@@ -591,10 +598,12 @@ def save_patched(
     The file is written to a temporary name beside ``path``, fsynced and renamed into
     place (see ``eca_surgery.outputs``), so an interrupted or failed write never leaves a
     partial checkpoint and never damages the old one; a replaced file keeps its mode.
+    ``meanwhile`` (a check of the model, say) runs while the file is written, in another
+    thread; the file is put in place only if it succeeds. ``built``: see ``check_rebuildable``.
     """
     provenance = Provenance(source, native, init or Provenance().init, heal)
     record = CheckpointRecord.of(plan, model_kwargs or {}, provenance, by_name=original is None)
-    return write_checkpoint(model, path, record, force, original, built=built)
+    return write_checkpoint(model, path, record, force, original, built=built, meanwhile=meanwhile)
 
 
 def check_rebuildable(

@@ -440,7 +440,11 @@ def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
 
 
 def atomic_write_file(
-    path: str | Path, write: Callable[[Path], Any], force: bool, size: int | None = None
+    path: str | Path,
+    write: Callable[[Path], Any],
+    force: bool,
+    size: int | None = None,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> Path:
     """Write file ``path`` by ``write(temporary_path)``: the one way every file output is written.
 
@@ -448,13 +452,14 @@ def atomic_write_file(
     fsynced, given the mode (the replaced file's, or ``0666 & ~umask``) and renamed over
     ``path`` (inside :func:`written_together`, when that block ends). On any exception it
     is removed and ``path`` is left as it was; an OSError becomes a SurgeryError naming
-    ``path`` and the OS's reason."""
+    ``path`` and the OS's reason. ``meanwhile`` (a check, say) runs in this thread while
+    another writes; ``path`` is replaced only if both succeed."""
     path = check_file_output(path, force, size)
     _clean_and_warn(path)
     tmp = temp_path(path)
     with _removed_on_failure(tmp, path):
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        write(tmp)
+        _write_meanwhile(write, tmp, meanwhile)
         _ready(tmp, path, force)
         group = _GROUP.get()
         if group is None:
@@ -462,6 +467,31 @@ def atomic_write_file(
         else:
             group.append(_Staged(tmp, path, force))
     return path
+
+
+def _write_meanwhile(write: Callable[[Path], Any], tmp: Path, meanwhile: Callable[[], Any] | None) -> None:
+    """``write(tmp)``; with ``meanwhile``, in a thread of its own while ``meanwhile()`` runs in
+    this one (writing mostly waits on the disk, and safetensors lets go of the GIL as it
+    writes). The first failure of either is raised once both have ended."""
+    if meanwhile is None:
+        write(tmp)
+        return
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            write(tmp)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=writer, name="eca-surgery-writer", daemon=True)
+    thread.start()
+    try:
+        meanwhile()
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,10 @@ class Conversion:
         """Write the converted model as an eca-surgery checkpoint (safetensors, atomically)
         that ``load_patched`` rebuilds: with the model kwargs, source weights, timm-native
         variant and init record of this conversion. Returns the path written."""
+        return self._save(path, force)
+
+    def _save(self, path: str | Path, force: bool, meanwhile: Callable[[], Any] | None = None) -> Path:
+        """``save``, running ``meanwhile`` as the file is written (see ``save_patched``)."""
         from .checkpoint import save_patched
 
         self._check_weights()
@@ -122,6 +126,7 @@ class Conversion:
             force=force,
             original=self.original,
             built=self.built,
+            meanwhile=meanwhile,
         )
 
     def save_timm_dir(self, path: str | Path, *, force: bool = False) -> Path:
@@ -314,14 +319,19 @@ class _Outputs:
         check_outputs_apart({"output": self.output, "timm folder": self.timm_dir}, inputs)
         return removed
 
-    def write(self, result: Conversion) -> None:
-        """Cast the converted model to ``dtype`` (if given) and write the outputs."""
+    def write(self, result: Conversion, finish: Callable[[], None]) -> None:
+        """Run the last check (``finish``), cast the converted model to ``dtype`` (if given) and
+        write the outputs. The check runs while the checkpoint is written where it can (no
+        cast in between): the file is put in place only if the check passes."""
+        if self.dtype is not None or self.output is None:
+            finish()
+            finish = None
         if self.dtype is not None:
             result.model.to(getattr(torch, self.dtype.value))
             if result.check is not None:  # checked again in the dtype it is written in
                 result.check = result.check | _check_in_dtype(result.model, self.dtype)
         if self.output is not None:
-            result.output = result.save(self.output, force=self.force)
+            result.output = result._save(self.output, self.force, meanwhile=finish)
         if self.timm_dir is not None:
             result.timm_dir = result.save_timm_dir(self.timm_dir, force=self.force)
 
@@ -390,9 +400,11 @@ def convert(
     ``Conversion.save``/``save_timm_dir``); ``dtype`` (float32, float16, bfloat16) casts
     the converted model, and so its files, at the end.
 
-    ``check`` compares the output shape at the default input size on a meta-device twin
-    and runs the patched model on a small real input for finite values; ``flops`` counts
-    MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
+    ``check`` runs the original on the meta device at the default input size (the patched
+    model's output shape is the same: an ECA keeps its input's shape) and the patched model
+    on a small real input for finite values, while ``output`` is written (it is put in place
+    only if the check passes); ``flops`` counts MACs in that meta-device pass (the patched
+    model's are derived); ``timm_native`` looks for timm kwargs that build the patched model.
     ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the
     new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a
     least-squares fit to the SE blocks they replace (``fit-se``) or, for inserted blocks,
@@ -411,10 +423,12 @@ def convert(
         job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
     if not dry_run:
         outputs.check(size=2 * job.plan.params_after)  # a lower bound: 2 bytes a parameter
-    result = _plan_only(job, flops, timm_native) if dry_run else _convert(job, check, flops, timm_native)
+    if dry_run:
+        result = _plan_only(job, flops, timm_native)
+    else:
+        result, finish = _convert(job, check, flops, timm_native)
+        outputs.write(result, finish)
     result.leftovers = leftovers
-    if not dry_run:
-        outputs.write(result)
     return result
 
 
@@ -533,25 +547,30 @@ def _what(job: _Job) -> str:
     return f"Checkpoint {str(job.path)!r}"
 
 
-def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> Conversion:
-    """Load the weights, apply the plan with the chosen init, and check the result: one
-    meta-device pass of the original gives its output shape and MACs, the patched model's are
-    derived from them, and the patched model runs once on a small real input for finite values."""
+def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> tuple[Conversion, Callable[[], None]]:
+    """Load the weights and apply the plan with the chosen init: one meta-device pass of the
+    original gives its output shape and MACs, and the patched model's are derived from them.
+    Also returns the last check, still to run (``finish``, see ``_Outputs.write``): the patched
+    model on a small real input, for finite values."""
     job, before = _original_pass(job, check, flops)  # before any work: can it run?
     original = _original(job)
     model, loaded = _load_weights(job)
     init_report = _start_kernels(model, job)
-    result, macs = None, {}
+    after, macs = None, {}
     if before is not None:
         after = _patched_pass(lambda: _patched_build(job), job.plan, before, check, flops)
         macs = macs_report(before, after, input_size(model)) if flops else {}
-        if check:
-            result = _check(model, before.shape, after.shape, job.seed)
     native = _native(job, model, timm_native)
-    return Conversion(
-        model, job.plan, job.origin.kwargs, job.source, result, macs, native, loaded, init_report,
+    result = Conversion(
+        model, job.plan, job.origin.kwargs, job.source, None, macs, native, loaded, init_report,
         strict=job.strict, original=original, built=shapes_of(model.state_dict()) if job.origin.by_name else None,
     )  # fmt: skip
+
+    def finish() -> None:
+        if check:
+            result.check = _check(model, before.shape, after.shape, job.seed)
+
+    return result, finish
 
 
 def _patched_build(job: _Job) -> nn.Module:

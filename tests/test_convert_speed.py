@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import eca_surgery.flops as flops
 import eca_surgery.native as native
 import eca_surgery.surgery as surgery
 from eca_surgery import convert, find_native, load_patched, make_plan
-from eca_surgery.errors import CheckpointError
+from eca_surgery.errors import CheckpointError, SurgeryError
 from eca_surgery.models import _block_params_off_meta, create_model
 from eca_surgery.recipe import load_recipe
 from eca_surgery.weights import read_safetensors, read_safetensors_header, read_state_dict
@@ -197,3 +198,23 @@ def test_a_meta_pass_that_leaves_a_cache_behind_gets_a_fresh_build(tmp_path, mon
     builds = _counting(monkeypatch, surgery, "create_model")
     result = convert("seresnet18", "se-to-eca", checkpoint=path)
     assert len(builds) == 2 and not result.model.scale.is_meta and result.check["finite"]
+
+
+def test_the_finite_check_runs_while_the_checkpoint_is_written_and_a_failure_writes_nothing(
+    tmp_path, monkeypatch
+):
+    writing = []
+
+    def failing(model, x):
+        writing.append(any(t.name == "eca-surgery-writer" for t in threading.enumerate()))
+        raise SurgeryError("The patched model's output has NaN or infinite values; planted.")
+
+    monkeypatch.setattr(surgery, "forward_check", failing)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(SurgeryError, match="planted"):
+        convert("seresnet18", "se-to-eca", output=out)
+    assert writing == [True] and list(tmp_path.iterdir()) == []
+    out.write_bytes(b"theirs")
+    with pytest.raises(SurgeryError, match="planted"):
+        convert("seresnet18", "se-to-eca", output=out, force=True)
+    assert out.read_bytes() == b"theirs" and list(tmp_path.iterdir()) == [out]
