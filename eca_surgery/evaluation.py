@@ -206,14 +206,21 @@ def _check_logits(
         )
     width = patched.shape[1]
     if found.classes is not None and width != found.classes:
-        what = (
-            "ImageNet-1k classes, which `labels='imagenet'` reads"
+        what, fix = (
+            (
+                "ImageNet-1k classes (`labels='imagenet'`)",
+                "evaluate an ImageNet-1k classifier, or use `labels='folder'` for classes of your own",
+            )
             if labels == Labels.IMAGENET
-            else "class subfolders in the data folder (`labels='folder'`)"
+            else (
+                "class subfolders in the data folder",
+                "pass one subfolder per class of the model, or `labels='imagenet'` for folders named "
+                "by ImageNet synset ids",
+            )
         )
         raise SurgeryError(
-            f"{path!r} gives {width} class logits, but there are {found.classes} {what}; pass a folder "
-            "with one subfolder per class of the model, the `labels` that fit it, or `labels='none'`."
+            f"{path!r} gives {width} class logits, but there are {found.classes} {what}; {fix}, or "
+            "`labels='none'` to compare the models only."
         )
 
 
