@@ -2,7 +2,8 @@
 
 The public API is the names in ``__all__``: convert a model (``convert``), save and
 reload it (``Conversion.save``, ``load_patched``), check a file (``verify``), heal it
-(``heal``), and the layers below (``load_recipe``, ``make_plan``, ``apply_plan``) with
+(``heal``), measure it against its original (``evaluate``), and the layers below
+(``load_recipe``, ``make_plan``, ``apply_plan``) with
 their records and errors; export a checkpoint for deployment with a parity proof
 (``export_checkpoint``). The package's top level imports neither torch nor timm, so
 the CLI starts fast: each name loads its module on first use.
@@ -21,6 +22,7 @@ _LAZY = {
     "convert": "surgery",
     "verify": "surgery",
     "heal": "healing",
+    "evaluate": "evaluation",
     "load_patched": "checkpoint",
     "open_patched": "checkpoint",
     "save_patched": "checkpoint",
@@ -45,6 +47,9 @@ _LAZY = {
     "Conversion": "surgery",
     "HealSettings": "healing",
     "HealResult": "healing",
+    "Evaluation": "evaluation",
+    "Scores": "evaluation",
+    "Labels": "choices",
     "Patched": "checkpoint",
     "CheckpointRecord": "checkpoint",
     "Provenance": "checkpoint",
@@ -80,6 +85,7 @@ __all__ = [
     "convert",
     "verify",
     "heal",
+    "evaluate",
     "load_patched",
     "open_patched",
     "save_patched",
@@ -102,6 +108,9 @@ __all__ = [
     "Conversion",
     "HealSettings",
     "HealResult",
+    "Evaluation",
+    "Scores",
+    "Labels",
     "Patched",
     "CheckpointRecord",
     "Provenance",
@@ -141,11 +150,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         open_patched,
         save_patched,
     )
-    from .choices import Init, Sort, Train
+    from .choices import Init, Labels, Sort, Train
     from .detect import SEBlock, find_se_blocks, register_se
     from .eca import eca_kernel_size, make_eca
     from .edits import Edit, Gate, Position
     from .errors import CheckpointError, RecipeError, StoppedBySignal, SurgeryError
+    from .evaluation import Evaluation, Scores, evaluate
     from .export import (
         ExportError,
         ExportOptions,

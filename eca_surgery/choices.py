@@ -1,5 +1,5 @@
 """The choices the API's options take, as enums (how new kernels start, what heal trains,
-how scan orders its rows, the dtype of a written file), and the bounds the CLI states in its signatures too.
+how scan orders its rows, where evaluate reads labels, the dtype of a written file), and the bounds the CLI states in its signatures too.
 
 They are plain ``str`` enums (``Init.FIT_SE == "fit-se"``), so a notebook user may pass
 the string, and this module imports neither torch nor timm, so the CLI can use them in its
@@ -31,6 +31,16 @@ class Train(str, Enum):
     ECA = "eca"  # the new ECA kernels only
     NORM = "norm"  # those and every normalisation layer (with its running statistics)
     ALL = "all"  # every parameter
+
+    __str__ = str.__str__
+
+
+class Labels(str, Enum):
+    """Where ``evaluate`` reads each image's class."""
+
+    FOLDER = "folder"  # one subfolder per class, indexed in sorted order (torchvision's ImageFolder)
+    IMAGENET = "imagenet"  # an ImageNet synset id (n01440764) in a folder or file name, as timm indexes it
+    NONE = "none"  # no labels: compare the two models only
 
     __str__ = str.__str__
 

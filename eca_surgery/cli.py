@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .choices import MAX_JOBS, MAX_WORKERS, DType, Init, ScanSource, Sort, Train
+from .choices import MAX_JOBS, MAX_WORKERS, DType, Init, Labels, ScanSource, Sort, Train
 from .errors import StoppedBySignal, SurgeryError, with_flags
 from .jsontext import loads_strict
 
@@ -259,6 +259,7 @@ FLAGS = {
     "opset": "--opset",
     "atol": "--atol",
     "legacy": "--legacy",
+    "labels": "--labels",
 }
 
 
@@ -684,6 +685,73 @@ def _heal_progress(steps: int) -> Iterator[Callable[[int, int, float, float], No
             progress.update(task, completed=step, loss=loss, speed=speed)
 
         yield on_step
+
+
+EvalDataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data", "-d", help="Folder of images: one subfolder per class (see --labels), or unlabelled."
+    ),
+]
+LabelsOpt = Annotated[
+    Labels,
+    typer.Option(
+        help="Where classes come from: folder (one subfolder per class, in sorted order), imagenet "
+        "(ImageNet synset ids such as n01440764 in folder or file names), or none (compare the models only)."
+    ),
+]
+
+
+@app.command()
+def evaluate(
+    patched: PatchedArg,
+    data: EvalDataOpt,
+    labels: LabelsOpt = Labels.FOLDER,
+    teacher: TeacherOpt = None,
+    teacher_checkpoint: TeacherCheckpointOpt = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per batch (per process under torchrun).")
+    ] = 32,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure a patched model against its original on labelled images: top-1/top-5 of each,
+    top-1 agreement, logit cosine, KL and speed. Writes nothing."""
+    from .evaluation import evaluate as evaluate_model
+    from .report import evaluate_report, render_evaluate
+
+    with _evaluate_progress() as on_batch:
+        result = evaluate_model(
+            patched,
+            data,
+            labels=labels,
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            on_batch=on_batch,
+        )
+    if result.rank == 0:
+        _print_notes(list(result.notes))
+        report = evaluate_report(result, [_flagged(note) for note in result.notes])
+        _show(report, json_out, render_evaluate)
+
+
+@contextmanager
+def _evaluate_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (on a terminal), and the ``on_batch`` callback that moves it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("evaluate", total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield on_batch
 
 
 OnnxOpt = Annotated[

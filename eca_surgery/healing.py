@@ -479,6 +479,16 @@ def _teacher_model(
     return model, source
 
 
+def original_model(
+    patched: Patched, patched_path: str | Path, teacher: str | None, checkpoint: str | Path | None
+) -> tuple[nn.Module, str]:
+    """The model ``patched`` was converted from, resolved as heal resolves its teacher (see
+    :func:`_teacher_model`), in eval mode; and where its weights came from."""
+    return _teacher_model(
+        patched, patched_path, {"teacher": teacher or patched.model_name}, teacher, checkpoint
+    )
+
+
 def _check_per_step(settings: HealSettings, per_process: int) -> None:
     """Refuse BatchNorm training on steps of fewer than 2 images per process."""
     per_step = min(settings.batch_size, per_process)

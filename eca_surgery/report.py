@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .checkpoint import Patched
     from .detect import SEBlock
+    from .evaluation import Evaluation
     from .healing import HealResult
     from .plan import Plan
     from .recipe import Recipe
@@ -451,6 +452,37 @@ def render_heal(console: Console, report: dict[str, Any]) -> None:
         f"{report['images_per_s']:.1f} img/s"
     )
     render_wrote(console, report["output"])
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def evaluate_report(result: Evaluation, notes: list[str]) -> dict[str, Any]:
+    """What ``evaluate`` measured, with its ``notes`` as the caller words them (the CLI: flags)."""
+    return result.to_dict() | {"notes": notes}
+
+
+def render_evaluate(console: Console, report: dict[str, Any]) -> None:
+    """An ``evaluate`` report: each model's accuracy and speed, then how far apart they are."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"{escape(report['model_name'])} on {report['images']} images ({report['labels']} labels)"
+    )
+    for column in ("model", "top-1 %", "top-5 %", "images/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for which, label in (("original", "original"), ("patched", "patched")):
+        scores = report[which]
+        table.add_row(
+            label, _percent(scores["top1"]), _percent(scores["top5"]), f"{scores['images_per_s']:.1f}"
+        )
+    console.print(table)
+    console.print(
+        f"top-1 agreement {_percent(report['agreement'])}%, logit cosine {report['logit_cosine']:.4f}, "
+        f"KL(original || patched) {report['kl']:.4f} nats; original weights: "
+        f"{escape(report['original_weights'])}; device {report['device']}"
+    )
 
 
 def recipes_report(recipes: dict[str, Path]) -> dict[str, Any]:
