@@ -378,7 +378,7 @@ def fold_fits(
     records = []
     for edit, fit in zip(edits, fits, strict=True):
         site = sites[edit.path].site if sites else None
-        reason = "not asked (fold=False)" if sites is None else sites[edit.path].reason
+        reason = "not asked (no fold)" if sites is None else sites[edit.path].reason
         if site is not None and edit.eca_path in failed:
             site, reason = None, failed[edit.eca_path]
             with torch.no_grad():
