@@ -396,26 +396,19 @@ def convert(
     ``check`` compares the output shape at the default input size on a meta-device twin
     and runs the patched model on a small real input for finite values; ``flops`` counts
     MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
-    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the
-    new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a
-    least-squares fit to the SE blocks they replace (``fit-se``) or, for inserted blocks,
-    the identity (``identity``); the last two run the model on
-    ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
-    ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
-    With ``fit-se``, ``fold`` (default) also folds a fitted per-channel factor into the norm
-    before each SE block or the convolution after it, where that is exact (see
-    ``eca_surgery.fold``); ``fold=False`` leaves every original tensor as it was.
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init``: PyTorch's init
+    (``default``, seeded by ``seed``), a least-squares fit to the replaced SE blocks (``fit-se``,
+    ``fold`` folding per-channel factors where exact) or, for inserted blocks, the identity
+    (``identity``); the last two calibrate on ``calib_size`` inputs (``calib_data`` images or
+    seeded noise) and report in ``Conversion.init`` how closely the result follows the original.
     """
     source, recipe = _source(model, model_kwargs, timm_dir), as_recipe(recipe)
     outputs = _Outputs.of(output, timm_dir, force, dtype)
     inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
     leftovers = outputs.check_before_work(inputs) if not dry_run else []
     job = _prepare(
-        source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size
+        source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size, fold
     )
-    if not isinstance(fold, bool):
-        raise SurgeryError(f"`fold` must be True or False, got {str(fold)[:40]!r}.")
-    job.fold = fold
     if timm_dir is not None:
         job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
     if not dry_run:
@@ -452,10 +445,13 @@ def _prepare(
     strict: bool,
     calib_data: str | Path | None,
     calib_size: int,
+    fold: bool = True,
 ) -> _Job:
     """Check the settings, find the source weights, build the model on the meta device
     (once) and make the plan there."""
     check_seed(seed)
+    if not isinstance(fold, bool):
+        raise SurgeryError(f"`fold` must be True or False, got {str(fold)[:40]!r}.")
     init = choice(Init, init, "init")
     if init is Init.DEFAULT and calib_data is not None:
         raise SurgeryError("`calib_data` is used by `init='fit-se'` and `init='identity'`; pass one of them.")
@@ -472,7 +468,9 @@ def _prepare(
     meta = _build(source, meta=True).eval()
     plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
-    job = _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
+    job = _Job(
+        source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan, fold=fold
+    )
     _check_calibration_channels(job)
     return job
 
