@@ -2,8 +2,8 @@
 
 Part 1 trains small timm models on scikit-learn's digits. Part 2 converts them with
 eca-surgery's Python API (the same code the CLI runs) and measures test accuracy and
-top-1 agreement with the original: SE -> ECA with default init, with ``fit-se``, and
-along ``heal``; ECA inserted after the stages of the no-SE twin with default and
+top-1 agreement with the original: SE -> ECA with default init, with ``fit-se`` (without
+and with the fold, ``fit-se+fold``), and along ``heal``; ECA inserted after the stages of the no-SE twin with default and
 ``identity`` init, and along ``heal``.
 
 The 1797 8x8 digits (shipped inside scikit-learn, no download) are split 80/20, stratified,
@@ -17,7 +17,10 @@ that very transform. Trained weights go to ``WORK/<model>.safetensors`` and the 
 
     python benchmarks/heal_digits.py --work /tmp/heal   # ~15 min on 2 idle cores
 
-Training is skipped when WORK already holds the trained checkpoints. Results go to
+A second table gives, per SE-replacing method, the mean per-block R² of the channel scales
+the converted blocks apply against the SE's on the held-out images (``channel_scale_r2``),
+the same on the calibration images and the pre-gate R² from the init record, and the logit
+cosine. Training is skipped when WORK already holds the trained checkpoints. Results go to
 ``benchmarks/results/heal_digits.{md,json}`` and, with matplotlib, ``heal_digits.png``.
 
 Needs the ``bench`` extra (scikit-learn, matplotlib).
@@ -48,6 +51,7 @@ SIZE = 48  # the last stage of a ResNet still has a 2x2 map (1x1 at 32)
 MEAN, STD = 0.305, 0.376  # of the digits' pixels scaled to 0..1
 SEED = 0
 SEEDS = 5  # default-init conversions evaluated, seeds 0..SEEDS-1
+FOLD = "+fold"  # a method name ending so: fit-se with the fold (eca_surgery.fold)
 
 
 def split() -> dict[str, np.ndarray]:
@@ -226,20 +230,24 @@ def experiment(
         "original": evaluate(original, x_test, y_test, reference),
     }
     result["curves"] = {}
-    for init in inits:
+    for method in inits:
+        init, fold = method.removesuffix(FOLD), method.endswith(FOLD)
         calib = {} if init == "default" else {"calib_data": work / "data" / "train", "calib_size": 256}
         conv = convert(
             name,
             load_recipe(recipe),
             checkpoint=source,
             init=init,
+            fold=fold,
             check=False,
             flops=False,
             **calib,
             **kwargs,
         )
-        patched = conv.save(work / f"{name}-{init}.safetensors", force=True)
+        patched = conv.save(work / f"{name}-{method}.safetensors", force=True)
         curve = [{"steps": 0, **evaluate(conv.model, x_test, y_test, reference), "seconds": 0.0}]
+        if recipe == "se-to-eca":  # the applied channel scales, on the held-out images
+            curve[0]["scale_r2_blocks"] = held_out_scale_r2(original, conv.model, x_test)
         if init == "default":  # default init is random: how much does the seed matter?
             seeds = [curve[0]] + [
                 evaluate(
@@ -249,7 +257,7 @@ def experiment(
                 for seed in range(1, SEEDS)
             ]  # fmt: skip
             curve[0]["seeds"] = {k: [s[k] for s in seeds] for k in ("accuracy", "agreement", "cosine")}
-        healed, seconds = work / f"{name}-{init}-healed.safetensors", 0.0
+        healed, seconds = work / f"{name}-{method}-healed.safetensors", 0.0
         for i, steps in enumerate(heal_points):
             start = time.perf_counter()
             run = heal(
@@ -260,17 +268,51 @@ def experiment(
             curve.append(
                 {"steps": steps, **evaluate(run.model, x_test, y_test, reference), "seconds": seconds}
             )
-            print(f"  {name} {init} heal {steps:4d} steps: accuracy {curve[-1]['accuracy']:.4f}", flush=True)
-        result["curves"][init] = {"init_report": _short_init(conv.init), "curve": curve}
+            print(
+                f"  {name} {method} heal {steps:4d} steps: accuracy {curve[-1]['accuracy']:.4f}", flush=True
+            )
+        result["curves"][method] = {"init_report": _short_init(conv.init), "curve": curve}
     return result
+
+
+def held_out_scale_r2(original: nn.Module, patched: nn.Module, x: Tensor) -> list[float]:
+    """Per SE block, the R² of the channel scales the converted block applies against the SE's, on ``x``."""
+    from eca_surgery import channel_scale_r2
+
+    return [f.r2 for f in channel_scale_r2(original, patched, list(x.split(64)))]
 
 
 def _short_init(init: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "calibration", "fidelity", "fidelity_default")
     out = {k: init[k] for k in keep if k in init}
     if "blocks" in init:
-        out["mean_r2"] = sum(b["r2"] for b in init["blocks"]) / len(init["blocks"])
+        blocks = init["blocks"]
+        out["mean_r2"] = sum(b["r2"] for b in blocks) / len(blocks)
+        out["mean_scale_r2"] = sum(b["scale_r2"] for b in blocks) / len(blocks)
+        out["folds"] = [b["fold"]["path"] if b["fold"] else None for b in blocks]
     return out
+
+
+def scale_table(results: list[dict[str, Any]]) -> str:
+    """Per SE-replacing method: mean per-block applied-scale R² (held-out and calibration),
+    the plain kernel's pre-gate R² (calibration) and the logit cosine (held-out), before heal."""
+    lines = [
+        "| model | init | blocks folded | applied-scale R², held-out | applied-scale R², calibration "
+        "| pre-gate R², calibration | logit cosine, held-out |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in (r for r in results if r["recipe"] == "se-to-eca"):
+        for method, c in r["curves"].items():
+            start, report = c["curve"][0], c["init_report"]
+            held = sum(start["scale_r2_blocks"]) / len(start["scale_r2_blocks"])
+            folds = report.get("folds")
+            folded = f"{sum(f is not None for f in folds)}/{len(folds)}" if folds else "-"
+            calib = f"{report['mean_scale_r2']:.3f}" if "mean_scale_r2" in report else "-"
+            pre = f"{report['mean_r2']:.3f}" if "mean_r2" in report else "-"
+            lines.append(
+                f"| {r['model']} | {method} | {folded} | {held:.3f} | {calib} | {pre} | {start['cosine']:.4f} |"
+            )
+    return "\n".join(lines)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -364,10 +406,17 @@ def main(argv: list[str] | None = None) -> None:
 
     heal_args = {"train": args.train, "lr": args.lr, "batch_size": args.batch_size}
     results = [
-        experiment(work, "seresnet18", "se-to-eca", ("default", "fit-se"), args.heal_steps, heal_args),
+        experiment(
+            work,
+            "seresnet18",
+            "se-to-eca",
+            ("default", "fit-se", "fit-se" + FOLD),
+            args.heal_steps,
+            heal_args,
+        ),
         experiment(work, "resnet18", "eca-after-stages", ("default", "identity"), args.heal_steps, heal_args),
     ]
-    md = table(results)
+    md = table(results) + "\n\n" + scale_table(results)
     print(md)
     for r in results:
         for init, c in r["curves"].items():
