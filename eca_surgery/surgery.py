@@ -330,10 +330,10 @@ class _Outputs:
         check_outputs_apart({"output": self.output, "timm folder": self.timm_dir}, inputs)
         return removed
 
-    def write(self, result: Conversion, finish: Callable[[], None]) -> None:
+    def write(self, result: Conversion, finish: Callable[[], None]) -> Conversion:
         """Run the last check (``finish``), cast the converted model to ``dtype`` (if given) and
-        write the outputs. The check runs while the checkpoint is written where it can (no
-        cast in between): the file is put in place only if the check passes."""
+        write the outputs; ``result``. The check runs while the checkpoint is written where it
+        can (no cast in between): the file is put in place only if the check passes."""
         if self.dtype is not None or self.output is None:
             finish()
             finish = None
@@ -345,6 +345,7 @@ class _Outputs:
             result.output = result._save(self.output, self.force, meanwhile=finish)
         if self.timm_dir is not None:
             result.timm_dir = result.save_timm_dir(self.timm_dir, force=self.force)
+        return result
 
 
 def _check_in_dtype(model: nn.Module, dtype: DType) -> dict[str, Any]:
@@ -410,14 +411,11 @@ def convert(
     init; ``strict=False`` loads what fits and reports the rest. The outputs are checked
     before any work (existing ones need ``force``; none may be an input; ``timm_dir`` needs
     a plan timm builds itself) and written atomically at the end (or later, with
-    ``Conversion.save``/``save_timm_dir``); ``dtype`` (float32, float16, bfloat16) casts
-    the converted model, and so its files, at the end.
+    ``Conversion.save``/``save_timm_dir``), cast to ``dtype`` if given.
 
-    ``check`` runs the original on the meta device at the default input size (the patched
-    model's output shape is the same: an ECA keeps its input's shape) and the patched model
-    on a small real input for finite values, while ``output`` is written (put in place only
-    if the check passes); ``flops`` counts MACs in that pass (the patched model's derived);
-    ``timm_native`` looks for timm kwargs that build the patched model.
+    ``check`` runs the original on the meta device (an ECA keeps shapes, so the patched
+    output's is the same) and the patched model on a small real input for finite values
+    while ``output`` is written; ``flops`` counts MACs in that pass; ``timm_native`` finds timm kwargs.
     ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init``: PyTorch's init
     (``default``, seeded by ``seed``), a least-squares fit to the replaced SE blocks (``fit-se``,
     ``fold`` folding per-channel factors where exact) or, for inserted blocks, the identity
@@ -431,17 +429,22 @@ def convert(
     job = _prepare(
         source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size, fold
     )
-    if timm_dir is not None:
-        job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
-    if not dry_run:
-        outputs.check(size=2 * job.plan.params_after)  # a lower bound: 2 bytes a parameter
+    _before_work(job, outputs, dry_run)
     if dry_run:
         result = _plan_only(job, flops, timm_native)
     else:
-        result, finish = _convert(job, check, flops, timm_native)
-        outputs.write(result, finish)
+        result = outputs.write(*_convert(job, check, flops, timm_native))
     result.leftovers = leftovers
     return result
+
+
+def _before_work(job: _Job, outputs: _Outputs, dry_run: bool) -> None:
+    """The timm-native variant a ``timm_dir`` needs, and room for the outputs (a lower bound:
+    2 bytes a parameter), checked before the weights are read."""
+    if outputs.timm_dir is not None:
+        job.native = check_native(job.origin.name, job.origin.kwargs, copy.deepcopy(job.meta), job.plan)
+    if not dry_run:
+        outputs.check(size=2 * job.plan.params_after)
 
 
 def _source(model: str | nn.Module, model_kwargs: dict[str, Any], timm_dir: str | Path | None) -> Source:

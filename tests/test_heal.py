@@ -41,12 +41,14 @@ def test_heal_trains_only_the_eca_kernels_and_records_how(setup, tmp_path):
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(".se.conv.weight") for k in changed)
-    # every other tensor, BatchNorm statistics included, is still the teacher's, bit for bit
-    source = load_file(teacher)
-    assert has_buffers(source)
-    assert_same_tensors({k: v for k, v in source.items() if ".se." not in k}, after)
+    # every other tensor, BatchNorm statistics included, is still the teacher's, bit for bit,
+    # except those fit-se folded a factor into (recorded in the conversion's init record)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
+    folded = {t for b in json.loads(meta["init"])["blocks"] if b["fold"] for t in b["fold"]["tensors"]}
+    source = load_file(teacher)
+    assert has_buffers(source) and folded
+    assert_same_tensors({k: v for k, v in source.items() if ".se." not in k and k not in folded}, after)
     heal = json.loads(meta["heal"])
     assert heal["step"] == 3 and heal["settings"]["train"] == "eca" and heal["teacher"] == "seresnet18"
     assert heal["teacher_weights"].endswith("teacher.safetensors") and heal["trainable"] == 8

@@ -480,7 +480,7 @@ def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
 
 STALL = """
 import sys, time
-import safetensors.torch
+import eca_surgery.outputs
 import eca_surgery.surgery
 from eca_surgery.cli import main
 
@@ -496,8 +496,8 @@ def stall(module, name, word):
 
     setattr(module, name, stalled)
 
-if sys.argv[1] == "writing":  # the temporary is written in full, not yet renamed
-    stall(safetensors.torch, "save_file", "STALLED")
+if sys.argv[1] == "writing":  # the temporary is written in full and checked, not yet renamed
+    stall(eca_surgery.outputs, "_ready", "STALLED")
 else:  # the model is converted, not yet checked
     stall(eca_surgery.surgery, "forward_check", "STALLED")
 sys.argv[1:2] = []
