@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from eca_surgery.data import folder_loader
 from eca_surgery.errors import SurgeryError
+from eca_surgery.evaluation import Labelled, labelled_files
 from eca_surgery.healing import pick_device
 
 
@@ -48,3 +49,29 @@ def test_loader_workers_survive_a_process_group_sigterm():
     killed by signal' traceback from the main process while the CLI was stopping cleanly."""
     loader = folder_loader(_TermsItsWorker(), [[0, 1], [2, 3]], workers=1)
     assert [b[0].tolist() for b in loader] == [[0, 1], [2, 3]]
+
+
+def test_non_finite_logits_count_as_misses_not_as_class_zero():
+    """argmax picks a NaN's index, so a patched model with NaN logits scored top-1/top-5 on every
+    image of class 0 and gave no note; now such images are misses and are counted in a note."""
+    from eca_surgery.evaluation import _SUMS, _batch_sums, _notes
+
+    patched = torch.tensor([[float("nan"), 0.0, 0.0], [0.0, 5.0, 0.0]])
+    original = torch.tensor([[3.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    figures = dict(zip(_SUMS, _batch_sums(patched, original, torch.tensor([0, 1])).tolist(), strict=True))
+    assert figures["patched_top1"] == 1 and figures["patched_top5"] == 1  # the finite image only
+    assert figures["original_top1"] == 2 and figures["agree"] == 1
+    assert figures["patched_nonfinite"] == 1 and figures["original_nonfinite"] == 0
+    (note,) = _notes(Labelled([], None, None), figures)
+    assert note.startswith("1 of 2 images gave non-finite") and "patched model" in note
+
+
+def test_upper_case_synset_folders_label_their_images(tmp_path):
+    """A folder N01443537 was not read as a synset, so its images silently took the synset of
+    their file names (or failed): the nearest folder must win whatever its case."""
+    folder = tmp_path / "N01443537"
+    folder.mkdir()
+    (folder / "n01440764_1.png").write_bytes(b"")
+    (folder / "x.JPEG").write_bytes(b"")
+    found = labelled_files(tmp_path, "imagenet")
+    assert found.targets == [1, 1]
