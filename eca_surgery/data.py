@@ -217,8 +217,24 @@ def checked(batch: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
 def folder_loader(
     dataset: ImageFiles, batches: list[list[int]], workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
-    """A loader that yields exactly ``batches`` (lists of indices), in order."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
+    """A loader that yields exactly ``batches`` (lists of indices), in order. Its workers ignore
+    SIGTERM (see :func:`_worker_ignores_sigterm`)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_ignores_sigterm if workers else None,
+    )
+
+
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """A SIGTERM sent to the whole process group (``kill -- -PGID``, a job scheduler) would kill
+    the workers first, and torch then raises "worker killed" tracebacks in the main process
+    while it is stopping cleanly. The main process stops them itself (and they exit when it dies)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def calibration_batches(

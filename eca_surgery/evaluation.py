@@ -42,9 +42,12 @@ __all__ = ["Evaluation", "Labelled", "Scores", "evaluate", "labelled_files"]
 OnBatch = Callable[[int, int], None]  # (images done, images in all)
 
 IMAGENET_CLASSES = 1000
-_SYNSET = re.compile(r"n\d{8}(?!\d)")
+_SYNSET = re.compile(r"n\d{8}(?!\d)", re.IGNORECASE)  # N01440764 (a copy from an upper-case disk) too
 # The sums one pass adds up (over processes too), in this order.
-_SUMS = ("images", "patched_top1", "patched_top5", "original_top1", "original_top5", "agree", "cosine", "kl")
+_SUMS = (
+    "images", "patched_top1", "patched_top5", "original_top1", "original_top5", "agree", "cosine", "kl",
+    "patched_nonfinite", "original_nonfinite",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _synset(relative: Path) -> str | None:
     for name in (*reversed(relative.parent.parts), relative.name):
         found = _SYNSET.match(name)
         if found:
-            return found[0]
+            return found[0].lower()
     return None
 
 
@@ -235,20 +238,22 @@ def _timed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _batch_sums(patched: torch.Tensor, original: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """This batch's contribution to each of :data:`_SUMS`."""
+    """This batch's contribution to each of :data:`_SUMS`. An image whose logits are not all
+    finite counts as a miss and a disagreement (argmax would pick a NaN's class), and is counted."""
     log_p, log_o = F.log_softmax(patched, 1), F.log_softmax(original, 1)
     kl = (log_o.exp() * (log_o - log_p)).sum(1)
     cosine = F.cosine_similarity(patched, original, dim=1)
-    agree = patched.argmax(1) == original.argmax(1)
+    finite_p, finite_o = torch.isfinite(patched).all(1), torch.isfinite(original).all(1)
+    agree = (patched.argmax(1) == original.argmax(1)) & finite_p & finite_o
     hits = [torch.zeros((), device=patched.device)] * 4
     if targets is not None:
         k = min(5, patched.shape[1])
         hits = [
             part
-            for logits in (patched, original)
+            for logits, finite in ((patched, finite_p), (original, finite_o))
             for part in (
-                (logits.argmax(1) == targets).sum(),
-                (logits.topk(k, 1).indices == targets[:, None]).sum(),
+                ((logits.argmax(1) == targets) & finite).sum(),
+                ((logits.topk(k, 1).indices == targets[:, None]).any(1) & finite).sum(),
             )
         ]
     parts = [
@@ -257,6 +262,8 @@ def _batch_sums(patched: torch.Tensor, original: torch.Tensor, targets: torch.Te
         agree.sum(),
         cosine.sum(),
         kl.sum(),
+        (~finite_p).sum(),
+        (~finite_o).sum(),
     ]
     return torch.stack([p.double() for p in parts])
 
@@ -363,8 +370,22 @@ def evaluate(
         widths[0] if widths else found.classes or 0, _scores(figures, seconds[0], "patched", found),
         _scores(figures, seconds[1], "original", found), weights,
         figures["agree"] / total, figures["cosine"] / total, figures["kl"] / total,
-        str(dev), tuple(n for n in (found.note,) if n), rank, world,
+        str(dev), _notes(found, figures), rank, world,
     )  # fmt: skip
+
+
+def _notes(found: Labelled, figures: dict[str, float]) -> tuple[str, ...]:
+    """Why top-1/top-5 are missing, and how many images gave a model non-finite logits."""
+    notes = [found.note] if found.note else []
+    for which in ("patched", "original"):
+        bad = int(figures[f"{which}_nonfinite"])
+        if bad:
+            notes.append(
+                f"{bad} of {int(figures['images'])} images gave non-finite (NaN or infinite) logits from "
+                f"the {which} model: they count as misses and disagreements, and the logit cosine and KL "
+                "are undefined (null)."
+            )
+    return tuple(notes)
 
 
 def _process_group_started() -> bool:

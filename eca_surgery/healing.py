@@ -350,12 +350,25 @@ def pick_device(device: str | None) -> torch.device:
                 f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) that torch "
                 "can use; pick one of them or `device='cpu'`."
             )
-        return dev
+        return _usable(dev, device)
     if torch.cuda.is_available():
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def _usable(dev: torch.device, device: str) -> torch.device:
+    """``dev`` if a tensor can be made on it and read back: ``meta`` holds no values, and torch
+    names devices (``xpu``, ``mps``, ``hpu``) that this build or machine may not have."""
+    try:
+        torch.zeros(1, device=dev).cpu()
+    except Exception as exc:  # each backend fails its own way (RuntimeError, AssertionError, ImportError)
+        raise SurgeryError(
+            f"`device` {device!r} cannot hold and return values here ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); use e.g. cpu or cuda."
+        ) from None
+    return dev
 
 
 def prepare_heal(
