@@ -546,12 +546,24 @@ def write_checkpoint(
     :func:`check_rebuildable`). ``meanwhile`` runs as the file is written, which is kept
     only if it succeeds (see ``outputs.atomic_write_file``)."""
     tensors, metadata = checkpoint_contents(model, record, original, dtype, built)
+    versions = [t._version for t in tensors.values()]
+
+    def write(tmp: Path) -> None:
+        save_safetensors(tensors, tmp, metadata)
+
+    def check_and_rewrite() -> None:  # a check that changed a tensor in place: write it again
+        meanwhile()
+        if [t._version for t in tensors.values()] != versions:
+            stale.append(True)
+
+    stale: list[bool] = []
     return atomic_write_file(
         path,
-        lambda tmp: save_safetensors(tensors, tmp, metadata),
+        write,
         force,
         tensor_bytes(tensors),
-        meanwhile=meanwhile,
+        meanwhile=None if meanwhile is None else check_and_rewrite,
+        again=lambda: bool(stale),
     )
 
 

@@ -445,6 +445,7 @@ def atomic_write_file(
     force: bool,
     size: int | None = None,
     meanwhile: Callable[[], Any] | None = None,
+    again: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Write file ``path`` by ``write(temporary_path)``: the one way every file output is written.
 
@@ -453,13 +454,16 @@ def atomic_write_file(
     ``path`` (inside :func:`written_together`, when that block ends). On any exception it
     is removed and ``path`` is left as it was; an OSError becomes a SurgeryError naming
     ``path`` and the OS's reason. ``meanwhile`` (a check, say) runs in this thread while
-    another writes; ``path`` is replaced only if both succeed."""
+    another writes; ``path`` is replaced only if both succeed, and after ``write`` runs again
+    if ``again()`` then says what was written has changed meanwhile."""
     path = check_file_output(path, force, size)
     _clean_and_warn(path)
     tmp = temp_path(path)
     with _removed_on_failure(tmp, path):
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         _write_meanwhile(write, tmp, meanwhile)
+        if again():
+            write(tmp)
         _ready(tmp, path, force)
         group = _GROUP.get()
         if group is None:

@@ -218,3 +218,20 @@ def test_the_finite_check_runs_while_the_checkpoint_is_written_and_a_failure_wri
     with pytest.raises(SurgeryError, match="planted"):
         convert("seresnet18", "se-to-eca", output=out, force=True)
     assert out.read_bytes() == b"theirs" and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_check_that_changes_a_weight_in_place_gets_the_file_written_again(tmp_path, monkeypatch):
+    real = surgery.forward_check
+
+    def changing(model, x):
+        for t in threading.enumerate():
+            if t.name == "eca-surgery-writer":
+                t.join()  # the file is written: a change now is not in it
+        with torch.no_grad():
+            model.fc.bias.add_(1.0)  # as a forward pass that updates a buffer in eval mode would
+        return real(model, x)
+
+    monkeypatch.setattr(surgery, "forward_check", changing)
+    out = tmp_path / "out.safetensors"
+    result = convert("seresnet18", "se-to-eca", output=out)
+    assert torch.equal(load_patched(out).fc.bias, result.model.fc.bias)
