@@ -7,9 +7,11 @@ owns the files it writes: it checks them before any work and writes them at the 
 from __future__ import annotations
 
 import copy
+import itertools
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from .models import (
     create_model,
     dense_task,
     dtype_of,
+    float_dtype,
     input_size,
     meta_copy,
     resolve_name,
@@ -635,10 +638,35 @@ def _start_kernels(model: nn.Module, job: _Job) -> dict[str, Any]:
     if job.init is Init.DEFAULT:
         apply_plan(model, job.plan)
         return {"method": job.init.value}
-    batches, described = calibration_batches(
-        model, job.calib_data, job.calib_size, seed=job.seed, files=job.files, name=job.origin.name
-    )
-    return _initialise(model, job.plan, job.init, batches, job.fold) | {"calibration": described}
+    with _in_float32(model):
+        batches, described = calibration_batches(
+            model, job.calib_data, job.calib_size, seed=job.seed, files=job.files, name=job.origin.name
+        )
+        return _initialise(model, job.plan, job.init, batches, job.fold) | {"calibration": described}
+
+
+@contextmanager
+def _in_float32(model: nn.Module) -> Iterator[None]:
+    """Calibrate a half-precision model on the CPU in float32, where torch's float16 and bfloat16
+    convolutions are many times slower; every tensor takes its own dtype back after (their values
+    survive the round trip exactly), and tensors added meanwhile take the model's."""
+    dtype = float_dtype(model)
+    if dtype not in (torch.float16, torch.bfloat16) or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    kept = {name: t.dtype for name, t in _floating(model)}
+    model.float()
+    try:
+        yield
+    finally:
+        for name, t in _floating(model):
+            t.data = t.data.to(kept.get(name, dtype))
+
+
+def _floating(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s floating parameters and buffers, by name."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return [(name, t) for name, t in tensors if t.is_floating_point()]
 
 
 def _check(model: nn.Module, expected: list, shape: list, seed: int) -> dict[str, Any]:

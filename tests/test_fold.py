@@ -208,3 +208,23 @@ def test_cli_convert_fit_se_folds_and_the_file_verifies(name, args, tmp_path):
     for b in plain["init"]["blocks"]:
         assert b["fold"] is None and b["fold_reason"] == "not asked (no fold)"
         assert b["scale_r2"] == b["scale_r2_unfolded"]
+
+
+def test_a_float16_checkpoint_calibrates_in_float32_and_keeps_its_dtype_and_tensors(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import eca_surgery.surgery as surgery
+
+    model = randomise_(timm.create_model("seresnet18"), seed=3)
+    src = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, str(src))
+    seen = []
+    real = surgery.run
+    monkeypatch.setattr(surgery, "run", lambda m, b: seen.append(next(m.parameters()).dtype) or real(m, b))
+    out = tmp_path / "out.safetensors"
+    result = convert("seresnet18", "se-to-eca", checkpoint=src, init="fit-se", calib_size=4, output=out)
+    assert seen and set(seen) == {torch.float32}  # torch's float16 convolutions crawl on the CPU
+    folded = {t for b in result.init["blocks"] if b["fold"] for t in b["fold"]["tensors"]}
+    before, after = load_file(src), load_file(out)
+    assert folded and {t.dtype for t in after.values() if t.is_floating_point()} == {torch.float16}
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after and k not in folded)
