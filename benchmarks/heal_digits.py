@@ -48,6 +48,7 @@ SIZE = 48  # the last stage of a ResNet still has a 2x2 map (1x1 at 32)
 MEAN, STD = 0.305, 0.376  # of the digits' pixels scaled to 0..1
 SEED = 0
 SEEDS = 5  # default-init conversions evaluated, seeds 0..SEEDS-1
+FOLD = "+fold"  # a method name ending so: fit-se with the fold (eca_surgery.fold)
 
 
 def split() -> dict[str, np.ndarray]:
@@ -226,20 +227,24 @@ def experiment(
         "original": evaluate(original, x_test, y_test, reference),
     }
     result["curves"] = {}
-    for init in inits:
+    for method in inits:
+        init, fold = method.removesuffix(FOLD), method.endswith(FOLD)
         calib = {} if init == "default" else {"calib_data": work / "data" / "train", "calib_size": 256}
         conv = convert(
             name,
             load_recipe(recipe),
             checkpoint=source,
             init=init,
+            fold=fold,
             check=False,
             flops=False,
             **calib,
             **kwargs,
         )
-        patched = conv.save(work / f"{name}-{init}.safetensors", force=True)
+        patched = conv.save(work / f"{name}-{method}.safetensors", force=True)
         curve = [{"steps": 0, **evaluate(conv.model, x_test, y_test, reference), "seconds": 0.0}]
+        if recipe == "se-to-eca":  # the applied channel scales, on the held-out images
+            curve[0]["scale_r2_blocks"] = held_out_scale_r2(original, conv.model, x_test)
         if init == "default":  # default init is random: how much does the seed matter?
             seeds = [curve[0]] + [
                 evaluate(
@@ -249,7 +254,7 @@ def experiment(
                 for seed in range(1, SEEDS)
             ]  # fmt: skip
             curve[0]["seeds"] = {k: [s[k] for s in seeds] for k in ("accuracy", "agreement", "cosine")}
-        healed, seconds = work / f"{name}-{init}-healed.safetensors", 0.0
+        healed, seconds = work / f"{name}-{method}-healed.safetensors", 0.0
         for i, steps in enumerate(heal_points):
             start = time.perf_counter()
             run = heal(
@@ -260,17 +265,51 @@ def experiment(
             curve.append(
                 {"steps": steps, **evaluate(run.model, x_test, y_test, reference), "seconds": seconds}
             )
-            print(f"  {name} {init} heal {steps:4d} steps: accuracy {curve[-1]['accuracy']:.4f}", flush=True)
-        result["curves"][init] = {"init_report": _short_init(conv.init), "curve": curve}
+            print(
+                f"  {name} {method} heal {steps:4d} steps: accuracy {curve[-1]['accuracy']:.4f}", flush=True
+            )
+        result["curves"][method] = {"init_report": _short_init(conv.init), "curve": curve}
     return result
+
+
+def held_out_scale_r2(original: nn.Module, patched: nn.Module, x: Tensor) -> list[float]:
+    """Per SE block, the R² of the channel scales the converted block applies against the SE's, on ``x``."""
+    from eca_surgery import channel_scale_r2
+
+    return [f.r2 for f in channel_scale_r2(original, patched, list(x.split(64)))]
 
 
 def _short_init(init: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "calibration", "fidelity", "fidelity_default")
     out = {k: init[k] for k in keep if k in init}
     if "blocks" in init:
-        out["mean_r2"] = sum(b["r2"] for b in init["blocks"]) / len(init["blocks"])
+        blocks = init["blocks"]
+        out["mean_r2"] = sum(b["r2"] for b in blocks) / len(blocks)
+        out["mean_scale_r2"] = sum(b["scale_r2"] for b in blocks) / len(blocks)
+        out["folds"] = [b["fold"]["path"] if b["fold"] else None for b in blocks]
     return out
+
+
+def scale_table(results: list[dict[str, Any]]) -> str:
+    """Per SE-replacing method: mean per-block applied-scale R² (held-out and calibration),
+    the plain kernel's pre-gate R² (calibration) and the logit cosine (held-out), before heal."""
+    lines = [
+        "| model | init | blocks folded | applied-scale R², held-out | applied-scale R², calibration "
+        "| pre-gate R², calibration | logit cosine, held-out |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in (r for r in results if r["recipe"] == "se-to-eca"):
+        for method, c in r["curves"].items():
+            start, report = c["curve"][0], c["init_report"]
+            held = sum(start["scale_r2_blocks"]) / len(start["scale_r2_blocks"])
+            folds = report.get("folds")
+            folded = f"{sum(f is not None for f in folds)}/{len(folds)}" if folds else "-"
+            calib = f"{report['mean_scale_r2']:.3f}" if "mean_scale_r2" in report else "-"
+            pre = f"{report['mean_r2']:.3f}" if "mean_r2" in report else "-"
+            lines.append(
+                f"| {r['model']} | {method} | {folded} | {held:.3f} | {calib} | {pre} | {start['cosine']:.4f} |"
+            )
+    return "\n".join(lines)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -364,10 +403,17 @@ def main(argv: list[str] | None = None) -> None:
 
     heal_args = {"train": args.train, "lr": args.lr, "batch_size": args.batch_size}
     results = [
-        experiment(work, "seresnet18", "se-to-eca", ("default", "fit-se"), args.heal_steps, heal_args),
+        experiment(
+            work,
+            "seresnet18",
+            "se-to-eca",
+            ("default", "fit-se", "fit-se" + FOLD),
+            args.heal_steps,
+            heal_args,
+        ),
         experiment(work, "resnet18", "eca-after-stages", ("default", "identity"), args.heal_steps, heal_args),
     ]
-    md = table(results)
+    md = table(results) + "\n\n" + scale_table(results)
     print(md)
     for r in results:
         for init, c in r["curves"].items():

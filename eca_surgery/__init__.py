@@ -40,6 +40,7 @@ _LAZY = {
     "find_native": "native",
     "make_eca": "eca",
     "eca_kernel_size": "eca",
+    "channel_scale_r2": "init",
     # results and records
     "Inspection": "surgery",
     "Conversion": "surgery",
@@ -62,6 +63,7 @@ _LAZY = {
     "Selector": "recipe",
     "EcaOptions": "recipe",
     "SEBlock": "detect",
+    "ScaleFit": "init",
     "Init": "choices",
     "Train": "choices",
     "Sort": "choices",
@@ -98,6 +100,7 @@ __all__ = [
     "find_native",
     "make_eca",
     "eca_kernel_size",
+    "channel_scale_r2",
     "Inspection",
     "Conversion",
     "HealSettings",
@@ -119,6 +122,7 @@ __all__ = [
     "Selector",
     "EcaOptions",
     "SEBlock",
+    "ScaleFit",
     "Init",
     "Train",
     "Sort",
@@ -158,6 +162,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         export_program,
     )
     from .healing import HealResult, HealSettings, heal
+    from .init import ScaleFit, channel_scale_r2
     from .native import find_native
     from .plan import Plan, count_params, make_plan
     from .recipe import (

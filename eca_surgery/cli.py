@@ -147,6 +147,13 @@ InitOpt = Annotated[
         "each one replaces) or identity (inserted blocks start as the identity).",
     ),
 ]
+FoldOpt = Annotated[
+    bool,
+    typer.Option(
+        help="With --init fit-se: fold a fitted per-channel factor into the norm before each SE "
+        "block or the conv after it, where exact (--no-fold: leave every original tensor).",
+    ),
+]
 CalibDataOpt = Annotated[
     Optional[Path],
     typer.Option(
@@ -414,6 +421,7 @@ def convert(
     init: InitOpt = Init.DEFAULT,
     calib_data: CalibDataOpt = None,
     calib_size: Annotated[int, typer.Option(min=1, help="How many calibration inputs to use.")] = 64,
+    fold: FoldOpt = True,
     features_only: FeaturesOpt = False,
     out_indices: OutIndicesOpt = None,
     model_arg: ModelArgOpt = None,
@@ -450,6 +458,7 @@ def convert(
         init=init,
         calib_data=calib_data,
         calib_size=calib_size,
+        fold=fold,
         dtype=dtype,
         **kwargs,
     )

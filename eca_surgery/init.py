@@ -22,7 +22,8 @@ sample (one cosine and one worst difference over every map).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 
 from .detect import find_adapter, find_se_blocks
 from .errors import SurgeryError
+from .fold import FoldKind, FoldSite, Neighbours, apply_folds, factor_in, find_sites, site_record
 from .locate import backbone_path
 from .plan import GATE_NAMES, Edit, Plan
 
@@ -46,7 +48,10 @@ class BlockFit:
     """How well one ECA kernel reproduces its SE block on the calibration inputs.
 
     ``rel_error`` is ``|Aw - z| / |z|`` and ``r2`` the share of the target's variance
-    the kernel explains, both over every sample and channel.
+    the plain kernel (no fold) explains, both over every sample and channel. With the fold,
+    ``fold`` is where the block's factor went (see ``eca_surgery.fold``), or None with
+    ``fold_reason``; ``scale_r2`` is the R² of the channel scales the new block applies
+    (gate times factor) against the SE's, and ``scale_r2_unfolded`` that of the plain kernel.
     """
 
     path: str
@@ -56,6 +61,10 @@ class BlockFit:
     rel_error: float
     r2: float
     target: str
+    fold: dict[str, Any] | None = None
+    fold_reason: str | None = None
+    scale_r2: float | None = None
+    scale_r2_unfolded: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,11 +138,64 @@ def se_gate(se: nn.Module, path: str) -> nn.Module:
     return gate
 
 
+@dataclass
+class BlockSamples:
+    """One SE block's calibration samples: the pooled descriptors ``y`` of its input and the
+    channel scales ``S`` its gate output, each a list of (N, C) float64 batches."""
+
+    descriptors: list[torch.Tensor] = field(default_factory=list)
+    scales: list[torch.Tensor] = field(default_factory=list)
+
+    def y(self) -> torch.Tensor:
+        return torch.cat(self.descriptors)
+
+    def s(self) -> torch.Tensor:
+        return torch.cat(self.scales)
+
+
+def _sample_hooks(model: nn.Module, paths: list[str], samples: dict[str, BlockSamples]) -> list:
+    """Hooks that fill ``samples[path]`` at each SE block: its input's mean over space, and
+    its gate's output (the scales the block multiplies its input by)."""
+    handles = []
+
+    def on_input(path, args):
+        samples[path].descriptors.append(args[0].detach().double().mean((2, 3)).cpu())
+
+    def on_gate(path, output):
+        samples[path].scales.append(output.detach().double().flatten(1).cpu())
+
+    for path in paths:
+        se = model.get_submodule(path)
+        samples[path] = BlockSamples()
+        handles.append(se.register_forward_pre_hook(lambda m, a, p=path: on_input(p, a)))
+        handles.append(se_gate(se, path).register_forward_hook(lambda m, a, o, p=path: on_gate(p, o)))
+    return handles
+
+
+@torch.no_grad()
+def record_samples(
+    model: nn.Module, paths: list[str], batches: list[torch.Tensor]
+) -> tuple[dict[str, BlockSamples], torch.Tensor | list]:
+    """Run ``model`` on ``batches``; each SE block's samples (by path), and the outputs."""
+    samples: dict[str, BlockSamples] = {}
+    handles = _sample_hooks(model, paths, samples)
+    try:
+        outputs = run(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return samples, outputs
+
+
 @torch.no_grad()
 def record_se(
-    model: nn.Module, edits: list[Edit], batches: list[torch.Tensor]
+    model: nn.Module,
+    edits: list[Edit],
+    batches: list[torch.Tensor],
+    samples: dict[str, BlockSamples] | None = None,
 ) -> tuple[dict[str, NormalEquations], dict[str, str], torch.Tensor | list]:
-    """Run the original ``model`` on ``batches``; accumulate each SE block's fit problem.
+    """Run the original ``model`` on ``batches``; accumulate each SE block's fit problem
+    (and, given a ``samples`` dict, fill it with each block's descriptors and scales).
 
     Returns the normal equations and the target description per SE path, and the
     model's outputs (for fidelity).
@@ -169,6 +231,8 @@ def record_se(
                     lambda m, a, o, p=edit.path, g=edit.gate: on_gate_output(p, g, o)
                 )
             )
+    if samples is not None:
+        handles += _sample_hooks(model, [e.path for e in edits], samples)
     try:
         outputs = run(model, batches)
     finally:
@@ -230,3 +294,155 @@ def fidelity(reference: torch.Tensor | list, outputs: torch.Tensor | list) -> di
     if isinstance(reference, torch.Tensor) and reference.dim() == 2:
         result["top1_agreement"] = float((reference.argmax(1) == outputs.argmax(1)).double().mean())
     return result
+
+
+def gate_value(gate: str, a: torch.Tensor) -> torch.Tensor:
+    """The ECA gate ``gate`` applied to pre-gate values ``a`` (the inverse of ``inverse_gate``)."""
+    if gate == "hard_sigmoid":
+        return ((a + 3) / 6).clamp(0, 1)
+    return 2 * torch.sigmoid(a) if gate == "double_sigmoid" else torch.sigmoid(a)
+
+
+def eca_scores(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """An ECA's pre-gate values for descriptors ``y`` (N, C): the 'same' 1-D convolution, float64."""
+    w = kernel.detach().double().cpu().reshape(1, 1, -1)
+    return F.conv1d(y[:, None], w, padding=(w.shape[-1] - 1) // 2)[:, 0]
+
+
+def scale_r2(applied: torch.Tensor, target: torch.Tensor) -> float:
+    """R² of the channel scales ``applied`` against the SE's ``target``, over all samples and channels."""
+    total = float(((target - target.mean()) ** 2).sum())
+    residual = float(((applied - target) ** 2).sum())
+    return 1 - residual / total if total > 0 else float(residual == 0)
+
+
+@dataclass(frozen=True)
+class FoldedFit:
+    """A kernel and per-channel factor for one block, and the R² of the scales they apply."""
+
+    kernel: torch.Tensor
+    factor: torch.Tensor
+    scale_r2: float
+
+
+def fit_folded(samples: BlockSamples, gate: str, kernel_size: int, kind: FoldKind) -> FoldedFit:
+    """The closed-form fold fit (see the module docstring): ``f = mean_n S / h``, the kernel by
+    least squares to the gate inverse of ``h S / mean_n S`` on descriptors ``f * y`` (``norm``)
+    or ``y`` (``conv``), then, for ``conv``, ``f`` refitted per channel given the gate values."""
+    y, s = samples.y(), samples.s()
+    level = float(gate_value(gate, torch.zeros(())))
+    mean = s.mean(0)
+    live = mean.abs() > 1e-12  # a channel the SE always closes gets f = 0: exact
+    factor = torch.where(live, mean / level, torch.zeros_like(mean))
+    ratio = torch.where(live, level * s / torch.where(live, mean, torch.ones_like(mean)), level)
+    seen = y * factor if kind is FoldKind.NORM else y
+    problem = NormalEquations(kernel_size)
+    problem.add(seen, inverse_gate(gate, ratio))
+    kernel = problem.solve()[0]
+    g = gate_value(gate, eca_scores(seen, kernel))
+    if kind is FoldKind.CONV:  # the gate does not depend on f: least squares per channel
+        gg = (g * g).sum(0)
+        factor = torch.where(gg > 0, (g * s).sum(0) / gg.clamp_min(1e-300), factor)
+    return FoldedFit(kernel, factor, scale_r2(factor * g, s))
+
+
+def plain_scale_r2(samples: BlockSamples, gate: str, kernel: torch.Tensor) -> float:
+    """R² of the scales an unfolded ECA with ``kernel`` applies, against the SE's."""
+    return scale_r2(gate_value(gate, eca_scores(samples.y(), kernel)), samples.s())
+
+
+def fold_fits(
+    model: nn.Module,
+    edits: list[Edit],
+    fits: list[BlockFit],
+    samples: dict[str, BlockSamples],
+    sites: dict[str, Neighbours] | None,
+    check: Callable[[nn.Module], Any],
+) -> list[BlockFit]:
+    """Refit each block of the patched ``model`` with its factor folded where ``sites`` allow
+    (None: no fold) and ``apply_folds`` verifies it on ``check``; the fits with the fold
+    entries. A block whose fold fails keeps its plain kernel (and is recorded as unfolded)."""
+    convs = {e.path: model.get_submodule(e.eca_path).conv for e in edits}
+    plain = {p: conv.weight.detach().clone() for p, conv in convs.items()}
+    unfolded = {e.path: plain_scale_r2(samples[e.path], e.gate, plain[e.path]) for e in edits}
+    folded: dict[str, FoldedFit] = {}
+    candidates: dict[str, tuple[FoldSite, torch.Tensor]] = {}
+    for edit in edits:
+        site = sites[edit.path].site if sites else None
+        if site is not None:
+            folded[edit.path] = fit_folded(samples[edit.path], edit.gate, edit.kernel_size, site.kind)
+            with torch.no_grad():
+                convs[edit.path].weight.copy_(folded[edit.path].kernel.view_as(plain[edit.path]))
+            candidates[edit.eca_path] = (site, folded[edit.path].factor)
+    failed = apply_folds(model, candidates, check)
+    records = []
+    for edit, fit in zip(edits, fits, strict=True):
+        site = sites[edit.path].site if sites else None
+        reason = "not asked (no fold)" if sites is None else sites[edit.path].reason
+        if site is not None and edit.eca_path in failed:
+            site, reason = None, failed[edit.eca_path]
+            with torch.no_grad():
+                convs[edit.path].weight.copy_(plain[edit.path])
+        r2 = folded[edit.path].scale_r2 if site is not None else unfolded[edit.path]
+        records.append(
+            replace(fit, **site_record(site, reason), scale_r2=r2, scale_r2_unfolded=unfolded[edit.path])
+        )
+    return records
+
+
+def fold_sites(model: nn.Module, edits: list[Edit], batches: list[torch.Tensor]) -> dict[str, Neighbours]:
+    """The fold sites of ``edits``' SE blocks in the original ``model``, traced on a few inputs."""
+    return find_sites(model, [e.path for e in edits], lambda m: run(m, [batches[0][:2]]))
+
+
+@dataclass(frozen=True)
+class ScaleFit:
+    """How well a converted block's applied channel scales (ECA gate times the folded factor)
+    follow the scales its SE block applied, on the same inputs: R² over all samples and
+    channels, and where its factor is folded (None: unfolded)."""
+
+    path: str
+    channels: int
+    samples: int
+    r2: float
+    fold: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _eca_at(patched: nn.Module, path: str) -> nn.Module | None:
+    from timm.layers import EcaModule
+
+    try:
+        module = patched.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, EcaModule) else None
+
+
+@torch.no_grad()
+def channel_scale_r2(original: nn.Module, patched: nn.Module, batches: list[torch.Tensor]) -> list[ScaleFit]:
+    """Per SE block of ``original`` that ``patched`` replaces with an ECA: the R² of the
+    channel scales the ECA applies against the SE's, both fed the original's activations on
+    ``batches`` (e.g. held-out images). A folded factor is read back from the tensors of its
+    site (``fold.factor_in``), so this needs only the two models, both in eval mode."""
+    paths = [b.path for b in find_se_blocks(original) if _eca_at(patched, b.path) is not None]
+    samples, _ = record_samples(original, paths, batches)
+    sites = find_sites(original, paths, lambda m: run(m, [batches[0][:2]]))
+    fits = []
+    for path in paths:
+        eca, y, s = _eca_at(patched, path), samples[path].y(), samples[path].s()
+        into, out = (
+            factor_in(original, patched, site) if site else torch.ones(y.shape[1], dtype=torch.float64)
+            for site in (sites[path].producer, sites[path].consumer)
+        )
+        gate = eca.gate(eca_scores(into * y, eca.conv.weight))
+        kinds = [
+            k
+            for k, f in ((FoldKind.NORM, into), (FoldKind.CONV, out))
+            if not torch.equal(f, torch.ones_like(f))
+        ]
+        fold = kinds[0].value if kinds else None
+        fits.append(ScaleFit(path, y.shape[1], y.shape[0], scale_r2(into * out * gate, s), fold))
+    return fits

@@ -183,12 +183,12 @@ def render_init(console: Console, init: dict[str, Any]) -> None:
         return
     if init.get("blocks"):
         table = Table(title="fit-se: each ECA kernel fitted to its SE block", title_justify="left")
-        for column in ("SE block", "channels", "k", "rel. error", "R²", "target"):
-            table.add_column(column, justify="left" if column in ("SE block", "target") else "right")
+        for column in ("SE block", "channels", "k", "rel. error", "R²", "target", "scale R²", "fold"):
+            table.add_column(column, justify="left" if column in ("SE block", "target", "fold") else "right")
         for b in init["blocks"]:
             table.add_row(
                 b["path"], str(b["channels"]), str(b["kernel_size"]), f"{b['rel_error']:.4f}",
-                f"{b['r2']:.4f}", b["target"],
+                f"{b['r2']:.4f}", b["target"], _scale_r2(b), _fold(b),
             )  # fmt: skip
         console.print(table)
     console.print(f"Calibration: {escape(init['calibration'])}")
@@ -204,6 +204,22 @@ def render_init(console: Console, init: dict[str, Any]) -> None:
             agree = f"{f['top1_agreement']:.1%}" if "top1_agreement" in f else "-"
             table.add_row(name, f"{f['cosine']:.4f}", f"{f['max_abs_diff']:.3g}", agree)
     console.print(table)
+
+
+def _scale_r2(block: dict[str, Any]) -> str:
+    """The applied-scale R² of a fit-se block, and the plain kernel's where a fold changed it."""
+    if block.get("scale_r2") is None:
+        return "-"
+    if block.get("fold") is None:
+        return f"{block['scale_r2']:.4f}"
+    return f"{block['scale_r2']:.4f} (unfolded {block['scale_r2_unfolded']:.4f})"
+
+
+def _fold(block: dict[str, Any]) -> str:
+    """Where a fit-se block's factor went, or why it stayed unfolded."""
+    if block.get("fold") is not None:
+        return f"{block['fold']['kind']}: {escape(block['fold']['path'])}"
+    return f"none: {escape(block['fold_reason'])}" if block.get("fold_reason") else "-"
 
 
 def _gmacs(macs: int | None) -> str:

@@ -25,7 +25,18 @@ from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .edits import Position
 from .errors import CheckpointError, SurgeryError
-from .init import fidelity, fittable, inserted, record_se, run, set_fitted, zero_kernels
+from .init import (
+    BlockSamples,
+    fidelity,
+    fittable,
+    fold_fits,
+    fold_sites,
+    inserted,
+    record_se,
+    run,
+    set_fitted,
+    zero_kernels,
+)
 from .models import (
     TIMM,
     Source,
@@ -344,6 +355,7 @@ class _Job:
     meta: nn.Module
     plan: Plan
     native: dict[str, Any] | None = None
+    fold: bool = True
 
 
 def convert(
@@ -356,6 +368,7 @@ def convert(
     init: Init | str = Init.DEFAULT,
     calib_data: str | Path | None = None,
     calib_size: int = 64,
+    fold: bool = True,
     seed: int = 0,
     check: bool = True,
     flops: bool = True,
@@ -383,19 +396,18 @@ def convert(
     ``check`` compares the output shape at the default input size on a meta-device twin
     and runs the patched model on a small real input for finite values; ``flops`` counts
     MACs on that twin; ``timm_native`` looks for timm kwargs that build the patched model.
-    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init`` starts the
-    new kernels from PyTorch's initialisation (``default``, seeded by ``seed``), a
-    least-squares fit to the SE blocks they replace (``fit-se``) or, for inserted blocks,
-    the identity (``identity``); the last two run the model on
-    ``calib_size`` inputs (images from ``calib_data``, or seeded noise) and report in
-    ``Conversion.init`` how closely it follows the original there (see ``eca_surgery.init``).
+    ``dry_run`` only makes the plan (and checks a checkpoint's keys). ``init``: PyTorch's init
+    (``default``, seeded by ``seed``), a least-squares fit to the replaced SE blocks (``fit-se``,
+    ``fold`` folding per-channel factors where exact) or, for inserted blocks, the identity
+    (``identity``); the last two calibrate on ``calib_size`` inputs (``calib_data`` images or
+    seeded noise) and report in ``Conversion.init`` how closely the result follows the original.
     """
     source, recipe = _source(model, model_kwargs, timm_dir), as_recipe(recipe)
     outputs = _Outputs.of(output, timm_dir, force, dtype)
     inputs = {"checkpoint": checkpoint, "recipe": recipe.source, "calibration data": calib_data}
     leftovers = outputs.check_before_work(inputs) if not dry_run else []
     job = _prepare(
-        source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size
+        source, recipe, checkpoint, pretrained, dry_run, seed, init, strict, calib_data, calib_size, fold
     )
     if timm_dir is not None:
         job.native = check_native(source.name, source.kwargs, copy.deepcopy(job.meta), job.plan)
@@ -433,10 +445,13 @@ def _prepare(
     strict: bool,
     calib_data: str | Path | None,
     calib_size: int,
+    fold: bool = True,
 ) -> _Job:
     """Check the settings, find the source weights, build the model on the meta device
     (once) and make the plan there."""
     check_seed(seed)
+    if not isinstance(fold, bool):
+        raise SurgeryError(f"`fold` must be True or False, got {str(fold)[:40]!r}.")
     init = choice(Init, init, "init")
     if init is Init.DEFAULT and calib_data is not None:
         raise SurgeryError("`calib_data` is used by `init='fit-se'` and `init='identity'`; pass one of them.")
@@ -453,7 +468,9 @@ def _prepare(
     meta = _build(source, meta=True).eval()
     plan = make_plan(meta, recipe, source.name)
     _check_init(init, meta, plan)
-    job = _Job(source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan)
+    job = _Job(
+        source, init, seed, strict, path, described, calib_data, calib_size, files, meta, plan, fold=fold
+    )
     _check_calibration_channels(job)
     return job
 
@@ -571,7 +588,7 @@ def _start_kernels(model: nn.Module, job: _Job) -> dict[str, Any]:
     batches, described = calibration_batches(
         model, job.calib_data, job.calib_size, seed=job.seed, files=job.files, name=job.origin.name
     )
-    return _initialise(model, job.plan, job.init, batches) | {"calibration": described}
+    return _initialise(model, job.plan, job.init, batches, job.fold) | {"calibration": described}
 
 
 def _check(model: nn.Module, expected: list, shape: list, seed: int) -> dict[str, Any]:
@@ -584,16 +601,24 @@ def _check(model: nn.Module, expected: list, shape: list, seed: int) -> dict[str
     return result
 
 
-def _initialise(model: nn.Module, plan: Plan, init: Init, batches: list[torch.Tensor]) -> dict[str, Any]:
-    """Apply ``plan`` to the loaded original ``model`` and set the new kernels by ``init``;
-    the fits, and the fidelity with default init and with ``init``."""
+def _initialise(
+    model: nn.Module, plan: Plan, init: Init, batches: list[torch.Tensor], fold: bool = True
+) -> dict[str, Any]:
+    """Apply ``plan`` to the loaded original ``model`` and set the new kernels by ``init``
+    (for ``fit-se``, with each block's factor folded where exact, given ``fold``); the fits,
+    and the fidelity with default init and with ``init``."""
     edits = fittable(model, plan) if init is Init.FIT_SE else inserted(plan)
-    problems, targets, reference = record_se(model, edits if init is Init.FIT_SE else [], batches)
+    fitting = init is Init.FIT_SE
+    sites = fold_sites(model, edits, batches) if fitting and fold else None
+    samples: dict[str, BlockSamples] = {}
+    problems, targets, reference = record_se(model, edits if fitting else [], batches, samples)
     apply_plan(model, plan)
     report: dict[str, Any] = {"method": init.value, "edits": [e.path for e in edits]}
-    if init is Init.FIT_SE:
+    if fitting:
         report["fidelity_default"] = fidelity(reference, run(model, batches))
-        report["blocks"] = [f.to_dict() for f in set_fitted(model, edits, problems, targets)]
+        fits = set_fitted(model, edits, problems, targets)
+        fits = fold_fits(model, edits, fits, samples, sites, lambda m: run(m, [batches[0][:8]]))
+        report["blocks"] = [f.to_dict() for f in fits]
     else:
         zero_kernels(model, edits)
     report["fidelity"] = fidelity(reference, run(model, batches))
