@@ -1,9 +1,8 @@
 """A benchmark that tells the conversion's inits apart: colour under a coloured illuminant.
 
 The digits benchmark (``heal_digits.py``) is too easy to separate the methods: there the
-paper's default ECA init already keeps ~99% of the SE model's accuracy. This one trains a
-narrow SE-ResNet-18 (timm ``seresnet18``, ``channels=(16, 32, 64, 128)``, ``pretrained=False``)
-from scratch on a seeded synthetic task and converts it with eca-surgery's Python API (the
+paper's default ECA init already keeps ~99% of the SE model's accuracy. This one trains
+timm's ``seresnet18`` (``pretrained=False``, 8 classes, 32x32 inputs) from scratch on a seeded synthetic task and converts it with eca-surgery's Python API (the
 code the CLI runs), measuring on held-out images.
 
 The task (``scene_parameters``/``render``): a 32x32 image shows one disc of a coloured
@@ -60,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from heal_digits import load_folder, train  # noqa: E402  (a sibling script: the same folder reader and trainer)
 
 NAME = "seresnet18"
-CHANNELS = [16, 32, 64, 128]
 CLASSES = 8
 SIZE = 32
 MEAN, STD = 0.45, 0.25  # roughly those of the rendered pixels
@@ -117,12 +115,12 @@ def write_folder(root: Path, n: int, seed: int) -> np.ndarray:
 
 
 def model_kwargs() -> dict[str, Any]:
-    """JSON-serialisable timm kwargs: a narrow seresnet18 for 8 classes whose eval transform,
+    """JSON-serialisable timm kwargs (those eca-surgery accepts): seresnet18 for 8 classes whose eval transform,
     resolved from the model, leaves the 32x32 PNGs unchanged in size."""
     cfg = dict(
         input_size=[3, SIZE, SIZE], crop_pct=1.0, interpolation="bilinear", mean=[MEAN] * 3, std=[STD] * 3
     )
-    return dict(num_classes=CLASSES, channels=CHANNELS, stem_width=CHANNELS[0], pretrained_cfg_overlay=cfg)
+    return dict(num_classes=CLASSES, pretrained_cfg_overlay=cfg)
 
 
 @torch.no_grad()
@@ -159,20 +157,22 @@ def methods(fold: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def scale_r2(original: nn.Module, patched: nn.Module, x: Tensor) -> float | None:
-    """Mean per-block R^2 of the channel scales the patched blocks apply against the SE's, on
-    held-out images, where eca_surgery.init has ``channel_scale_r2``; else None."""
-    from eca_surgery import init
+def scale_r2(original: nn.Module, patched: nn.Module, x: Tensor) -> dict[str, Any]:
+    """Mean per-block R^2 of the channel scales the converted blocks apply (ECA gate times any
+    folded factor) against the SE's, on held-out images ``x``; and how many blocks were folded."""
+    from eca_surgery import channel_scale_r2
 
-    fn = getattr(init, "channel_scale_r2", None)
-    if fn is None:
-        return None
-    result = fn(original, patched, list(x.split(250)))
-    values = [getattr(b, "r2", b.get("r2") if isinstance(b, dict) else b) for b in result]
-    return float(np.mean([float(v) for v in values]))
+    fits = channel_scale_r2(original, patched, list(x.split(250)))
+    return {
+        "mean_r2": float(np.mean([f.r2 for f in fits])),
+        "blocks": len(fits),
+        "folded": sum(f.fold is not None for f in fits),
+    }
 
 
-def conversions(work: Path, seeds: int, fold: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def conversions(
+    work: Path, seeds: int, fold: bool, calib_size: int = 256
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Convert the trained model with each method and seed; score each on the test folder.
 
     Returns the original's scores and one row per (method, seed); each converted model is
@@ -190,7 +190,7 @@ def conversions(work: Path, seeds: int, fold: bool) -> tuple[dict[str, Any], lis
         calib = (
             {}
             if keywords["init"] == "default"
-            else {"calib_data": work / "data" / "train", "calib_size": 256}
+            else {"calib_data": work / "data" / "train", "calib_size": calib_size}
         )
         for seed in range(seeds):
             conv = convert(
@@ -199,8 +199,9 @@ def conversions(work: Path, seeds: int, fold: bool) -> tuple[dict[str, Any], lis
             )  # fmt: skip
             path = conv.save(work / f"{slug(label)}-{seed}.safetensors", force=True)
             row = {"method": label, "seed": seed, **scores(logits_of(conv.model, x), y, reference)}
-            row["scale_r2"] = scale_r2(original, conv.model, x)
+            row["scales"] = scale_r2(original, conv.model, x)
             row["calibration_cosine"] = conv.init.get("fidelity", {}).get("cosine")
+            row["folded"] = [b["path"] for b in conv.init.get("blocks", []) if b.get("fold")]
             rows.append({**row, "file": path.name})
             print(f"  {label} seed {seed}: accuracy {row['accuracy']:.4f}", flush=True)
     return scores(reference, y, reference), rows
