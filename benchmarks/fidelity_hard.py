@@ -24,7 +24,7 @@ Measured, for conversion seeds 0..SEEDS-1 (the training seed is fixed at 0; ``se
 convert's: the random kernels of ``default``, the calibration sample of ``fit-se``, and
 heal's data order): ``init="default"``; ``init="fit-se", fold=False`` (the kernel fit
 alone); ``init="fit-se", fold=True`` (the kernel fit plus per-channel factors folded
-into the norm before each SE, where the installed eca-surgery has the fold); and heal
+into the norm before each SE or the conv after it, where exact: issue 15); and heal
 curves (``--train norm``, unlabelled training images) from ``default`` and from the best
 fit-se. Calibration uses 256 training images. heal's learning rate and batch size are chosen
 from ``HEAL_GRID`` on a third set of scenes (validation, seed 2), healing the default-init
@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,12 +53,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from heal_digits import load_folder, train  # a sibling script: the same folder reader and trainer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).parent))
-from heal_digits import load_folder, train  # noqa: E402  (a sibling script: the same folder reader and trainer)
 
 NAME = "seresnet18"
 CLASSES = 8
