@@ -2,8 +2,8 @@
 
 Part 1 trains small timm models on scikit-learn's digits. Part 2 converts them with
 eca-surgery's Python API (the same code the CLI runs) and measures test accuracy and
-top-1 agreement with the original: SE -> ECA with default init, with ``fit-se``, and
-along ``heal``; ECA inserted after the stages of the no-SE twin with default and
+top-1 agreement with the original: SE -> ECA with default init, with ``fit-se`` (without
+and with the fold, ``fit-se+fold``), and along ``heal``; ECA inserted after the stages of the no-SE twin with default and
 ``identity`` init, and along ``heal``.
 
 The 1797 8x8 digits (shipped inside scikit-learn, no download) are split 80/20, stratified,
@@ -17,7 +17,10 @@ that very transform. Trained weights go to ``WORK/<model>.safetensors`` and the 
 
     python benchmarks/heal_digits.py --work /tmp/heal   # ~15 min on 2 idle cores
 
-Training is skipped when WORK already holds the trained checkpoints. Results go to
+A second table gives, per SE-replacing method, the mean per-block R² of the channel scales
+the converted blocks apply against the SE's on the held-out images (``channel_scale_r2``),
+the same on the calibration images and the pre-gate R² from the init record, and the logit
+cosine. Training is skipped when WORK already holds the trained checkpoints. Results go to
 ``benchmarks/results/heal_digits.{md,json}`` and, with matplotlib, ``heal_digits.png``.
 
 Needs the ``bench`` extra (scikit-learn, matplotlib).

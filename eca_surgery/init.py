@@ -9,6 +9,19 @@ solved in closed form from normal equations accumulated per batch in float64. Wh
 the ECA's gate differs from the SE's (a hard-sigmoid SE replaced by the paper's
 sigmoid ECA), the target is the ECA gate's inverse of the SE's gate output instead.
 
+With the fold (``fold=True``, the default), each block's kernel is refitted together with a
+per-channel factor ``f`` that ``eca_surgery.fold`` folds into the norm before the block or the
+convolution after it, where exact, so the block applies ``f_c * g(conv(y'))`` for the SE's
+``S[n, c]``. The fit stays closed-form: ``f_c = mean_n S[n, c] / h``, with ``h = g(0)`` the gate
+level where a sigmoid is steepest (0.5; 1 for ``double_sigmoid``); a channel the SE always
+closes gets ``f_c = 0``, exact. The kernel is then fitted by the same least squares to the gate
+inverse of ``h * S / mean_n S`` (the per-sample variation around each channel's mean, clamped
+as above) on the descriptors the ECA will see: ``y' = f * y`` after a norm fold, ``y`` before
+a convolution fold; for the latter ``f`` is refitted per channel in closed form given the gate
+values (least squares, exact since ``f`` does not change them). The measure is ``scale_r2``:
+the R² of the applied scales ``f_c * g`` against ``S`` over all samples and channels, with
+``scale_r2_unfolded`` for the plain kernel; ``channel_scale_r2`` measures it on other inputs.
+
 ``identity``: inserted ECA blocks get a zero kernel and the ``double_sigmoid`` gate
 (``2 * sigmoid``), so the patched model computes exactly the original function until
 it is trained.
