@@ -23,11 +23,14 @@ Whole process, imports included, as a user runs them:
   timm's EcaModule where each SE block was, and save_file;
 * floor script: ``python -c`` importing torch and safetensors, load_file + save_file.
 
+Every run starts after ``os.sync()``, with no dirty pages left by the run before it: eca-surgery
+fsyncs what it writes (and so pays for its own write-back), the naive and floor paths do not.
 Every original tensor of every converted output is compared bitwise with the checkpoint's.
 The tables are printed and written to ``benchmarks/results/convert_speed.md``.
 
     python benchmarks/convert_speed.py                       # seresnext101_32x8d
     python benchmarks/convert_speed.py seresnextaa201d_32x8d --repeats 3
+    python benchmarks/convert_speed.py --dir /dev/shm --out /tmp/shm.md   # in memory: no disk
 """
 
 from __future__ import annotations
@@ -125,7 +128,10 @@ LABELS = {
 
 def timed(argv: list[str], log: Path) -> dict:
     """Run ``argv`` to the end; its wall time and peak RSS (from the kernel's record of that
-    child), and its stdout's last line."""
+    child), and its stdout's last line. Every run starts with no dirty pages left by the one
+    before (``os.sync``): each path writes 358 MiB, and a path that does not flush its file
+    (the naive and floor paths) would leave the next one to wait for that write-back."""
+    os.sync()
     with open(log, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -204,11 +210,14 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="seresnext101_32x8d")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert_speed.md")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="Folder for the files (default: the system's temp folder)"
+    )
     args = parser.parse_args()
 
     # this process imports torch only after the runs: a child forked from a process holding a
     # model would start with that memory counted in its peak RSS
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         ckpt = tmp / "source.safetensors"
         timed([sys.executable, "-c", SOURCE_SCRIPT, args.model, str(ckpt)], tmp / "log.txt")
@@ -225,7 +234,8 @@ def main() -> None:
 
     lines = [
         f"{args.model}: checkpoint {size_mb:.0f} MiB, {args.repeats} interleaved runs per path, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}",
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
+        f"files in {args.dir or tempfile.gettempdir()}",
         "",
         "Work only (imports excluded):",
         "",
