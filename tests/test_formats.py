@@ -14,6 +14,10 @@ stand for files users already have). Only a new format gets new fixtures, in a n
 ``tests/fixtures/format2-0.3.0`` holds files written by 0.3.0, which added to format 2 a
 recorded ``dtype``, ``torchvision:`` model names and edits at traced stages (made by
 :func:`write_030_fixtures`; never regenerate them either).
+
+``tests/fixtures/format2-0.4.0`` holds files written by 0.4.0, whose fit-se folds a factor into
+the model's own norms or convolutions and records each fold in the ``init`` metadata (made by
+:func:`write_040_fixtures`; never regenerate them either).
 """
 
 from __future__ import annotations
@@ -72,6 +76,44 @@ def write_030_fixtures(folder: Path = FORMAT2_030) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, args in CONVERSIONS_030.items():
         run_ok(["convert", *args, "--force", "-o", str(folder / name)])
+
+
+FORMAT2_040 = Path(__file__).parent / "fixtures" / "format2-0.4.0"
+# files 0.4.0 wrote with what it added: fit-se's folds into a convolution (test_efficientnet's
+# conv_pwl) and into norms and convolutions (test_byobnet), recorded per block in the init record
+CONVERSIONS_040 = {
+    "test_efficientnet-se-to-eca-fit-se-fold.safetensors": [
+        "test_efficientnet", "-r", "se-to-eca", "--init", "fit-se", "--calib-size", "4",
+        "--model-arg", "num_classes=10",
+    ],
+    "test_byobnet-se-to-eca-fit-se-fold.safetensors": [
+        "test_byobnet", "-r", "se-to-eca", "--init", "fit-se", "--calib-size", "4",
+        "--model-arg", "num_classes=10",
+    ],
+}  # fmt: skip
+
+
+def write_040_fixtures(folder: Path = FORMAT2_040) -> None:
+    """Write the 0.4.0 fixtures into ``folder`` with this eca-surgery (by the CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, args in CONVERSIONS_040.items():
+        run_ok(["convert", *args, "--force", "-o", str(folder / name)])
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSIONS_040))
+def test_a_040_file_with_folds_loads_bit_for_bit_and_verifies(name):
+    path = FORMAT2_040 / name
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["eca_surgery_version"] == "0.4.0" and metadata["format_version"] == "2"
+    blocks = json.loads(metadata["init"])["blocks"]
+    assert blocks and all(b["fold"] and b["fold"]["tensors"] and "scale_r2" in b for b in blocks)
+    kinds = {b["fold"]["kind"] for b in blocks}
+    assert kinds == ({"conv"} if name.startswith("test_efficientnet") else {"conv", "norm"})
+    model, stored = load_patched(path), load_file(path)
+    state = model.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], stored[k]) for k in stored)
+    assert json.loads(run_ok(["verify", str(path), "--json"]))["check"]["output_shape"] == [1, 10]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSIONS_030))
