@@ -42,8 +42,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 MODELS = ("seresnet18", "resnet18")  # an SE network and its no-SE twin
@@ -56,6 +54,9 @@ FOLD = "+fold"  # a method name ending so: fit-se with the fold (eca_surgery.fol
 
 def split() -> dict[str, np.ndarray]:
     """The fixed stratified 80/20 split: images (N, 8, 8) in 0..16, labels, and indices into load_digits()."""
+    from sklearn.datasets import load_digits  # here: fidelity_hard.py imports this script without sklearn
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     idx = np.arange(len(digits.target))
     i_train, i_test = train_test_split(idx, test_size=0.2, stratify=digits.target, random_state=SEED)
