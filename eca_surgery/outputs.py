@@ -481,21 +481,38 @@ def _write_meanwhile(write: Callable[[Path], Any], tmp: Path, meanwhile: Callabl
         write(tmp)
         return
     failed: list[BaseException] = []
+    done = threading.Event()
 
     def writer() -> None:
         try:
             write(tmp)
         except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
             failed.append(exc)
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=writer, name="eca-surgery-writer", daemon=True)
-    thread.start()
+    threading.Thread(target=writer, name="eca-surgery-writer", daemon=True).start()
     try:
         meanwhile()
     finally:
-        thread.join()
+        _wait(done)
     if failed:
         raise failed[0]
+
+
+def _wait(done: threading.Event) -> None:
+    """Wait for the writer to say it is ``done``, also when a signal (Ctrl-C, SIGTERM) interrupts
+    the wait: its exception is raised after, since a thread still inside safetensors when the
+    interpreter exits aborts the process. (An interrupted ``Thread.join`` may report a running
+    thread as ended, so it is not used.)"""
+    stopped: BaseException | None = None
+    while not done.is_set():
+        try:
+            done.wait()
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            stopped = stopped or exc
+    if stopped is not None:
+        raise stopped
 
 
 @dataclass(frozen=True)

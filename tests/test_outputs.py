@@ -505,6 +505,44 @@ main()
 """
 
 
+WRITER_STALL = """
+import sys, time
+from pathlib import Path
+import eca_surgery.checkpoint
+from eca_surgery.cli import main
+
+real = eca_surgery.checkpoint.save_safetensors
+
+def slow(tensors, path, metadata):  # in the writer thread, while the check is long done
+    real(tensors, path, metadata)
+    sys.stderr.write("STALLED\\n")
+    sys.stderr.flush()
+    time.sleep(3)
+    (Path(path).parent / "writer-ended").write_text("yes")
+
+eca_surgery.checkpoint.save_safetensors = slow
+main()
+"""
+
+
+def test_a_signal_while_waiting_for_the_writer_waits_for_it_and_exits_cleanly(tmp_path):
+    out = tmp_path / "out.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    args = [sys.executable, "-c", WRITER_STALL, *CONVERT, "-o", str(out)]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    seen = []
+    while (line := proc.stderr.readline()) and "STALLED" not in line:
+        seen.append(line)
+    assert "STALLED" in line, "".join(seen)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Terminated" in stderr and "Traceback" not in stderr, stderr
+    # the writer was waited for (a thread cut off inside safetensors at exit aborts the process)
+    assert sorted(os.listdir(tmp_path)) == ["writer-ended"]
+
+
 @pytest.mark.parametrize("phase", ["working", "writing"])
 @pytest.mark.parametrize(
     ("sig", "code", "said"), [(signal.SIGTERM, 143, "Terminated"), (signal.SIGINT, 130, "Interrupted")]
