@@ -13,11 +13,11 @@ stand for files users already have). Only a new format gets new fixtures, in a n
 
 ``tests/fixtures/format2-0.3.0`` holds files written by 0.3.0, which added to format 2 a
 recorded ``dtype``, ``torchvision:`` model names and edits at traced stages (made by
-:func:`write_030_fixtures`; never regenerate them either).
+:func:`write_fixtures` with ``CONVERSIONS_030``; never regenerate them either).
 
 ``tests/fixtures/format2-0.4.0`` holds files written by 0.4.0, whose fit-se folds a factor into
 the model's own norms or convolutions and records each fold in the ``init`` metadata (made by
-:func:`write_040_fixtures`; never regenerate them either).
+:func:`write_fixtures` with ``CONVERSIONS_040``; never regenerate them either).
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ CONVERSIONS_030 = {
 }  # fmt: skip
 
 
-def write_030_fixtures(folder: Path = FORMAT2_030) -> None:
-    """Write the 0.3.0 fixtures into ``folder`` with this eca-surgery (by the CLI)."""
+def write_fixtures(conversions: dict[str, list[str]], folder: Path) -> None:
+    """Write ``conversions`` (file name -> convert arguments) into ``folder`` with this
+    eca-surgery (by the CLI): ``write_fixtures(CONVERSIONS_040, FORMAT2_040)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, args in CONVERSIONS_030.items():
+    for name, args in conversions.items():
         run_ok(["convert", *args, "--force", "-o", str(folder / name)])
 
 
@@ -91,13 +92,6 @@ CONVERSIONS_040 = {
         "--model-arg", "num_classes=10",
     ],
 }  # fmt: skip
-
-
-def write_040_fixtures(folder: Path = FORMAT2_040) -> None:
-    """Write the 0.4.0 fixtures into ``folder`` with this eca-surgery (by the CLI)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, args in CONVERSIONS_040.items():
-        run_ok(["convert", *args, "--force", "-o", str(folder / name)])
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSIONS_040))

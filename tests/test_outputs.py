@@ -525,17 +525,22 @@ main()
 """
 
 
-def test_a_signal_while_waiting_for_the_writer_waits_for_it_and_exits_cleanly(tmp_path):
-    out = tmp_path / "out.safetensors"
+def _stalled(tmp_path: Path, script: str, *args: str) -> subprocess.Popen:
+    """``convert`` run by ``script`` (with ``args`` before the CLI's own), once it says STALLED."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    args = [sys.executable, "-c", WRITER_STALL, *CONVERT, "-o", str(out)]
+    argv = [sys.executable, "-c", script, *args, *CONVERT, "-o", str(tmp_path / "out.safetensors")]
     proc = subprocess.Popen(
-        args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     seen = []
     while (line := proc.stderr.readline()) and "STALLED" not in line:
         seen.append(line)
     assert "STALLED" in line, "".join(seen)
+    return proc
+
+
+def test_a_signal_while_waiting_for_the_writer_waits_for_it_and_exits_cleanly(tmp_path):
+    proc = _stalled(tmp_path, WRITER_STALL)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Terminated" in stderr and "Traceback" not in stderr, stderr
@@ -548,16 +553,7 @@ def test_a_signal_while_waiting_for_the_writer_waits_for_it_and_exits_cleanly(tm
     ("sig", "code", "said"), [(signal.SIGTERM, 143, "Terminated"), (signal.SIGINT, 130, "Interrupted")]
 )
 def test_a_signal_at_a_known_point_exits_cleanly(tmp_path, phase, sig, code, said):
-    out = tmp_path / "out.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    args = [sys.executable, "-c", STALL, phase, *CONVERT, "-o", str(out)]
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    seen = []
-    while (line := proc.stderr.readline()) and "STALLED" not in line:
-        seen.append(line)
-    assert "STALLED" in line, "".join(seen)
+    proc = _stalled(tmp_path, STALL, phase)
     if phase == "writing":
         assert [p.stat().st_size > 1000 for p in _temporary_files(tmp_path)] == [True]
     proc.send_signal(sig)
