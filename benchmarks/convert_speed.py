@@ -10,9 +10,14 @@ eca_surgery; then times only the work):
   file, replace the SE blocks, save;
 * ours: eca_surgery's convert as the CLI runs it (meta-device build, weights assigned
   from the file, plan, apply, output-shape and finite-value checks, MACs, timm-native
-  search) and Conversion.save;
+  search) and Conversion.save, with what an earlier run learnt about the build in the cache
+  folder (the original's meta-device pass, the timm-native candidates' shapes: one untimed
+  convert fills it before the runs);
+* ours, empty cache: the same, each run with a cache folder of its own, empty: the first
+  convert of a model with these versions;
 * ours (core): the same work as the naive path (no checks, MACs or timm-native search);
 * floor: safetensors load_file + save_file of the same tensors, nothing else;
+* floor, durable: the same and an fsync of the file written, as eca-surgery's writes end;
 * load_patched / verify: of ours' output, against a meta-device build of the model plus
   safetensors' load_file of that output (what loading can hardly go below).
 
@@ -24,7 +29,8 @@ Whole process, imports included, as a user runs them:
 * floor script: ``python -c`` importing torch and safetensors, load_file + save_file.
 
 Every run starts after ``os.sync()``, with no dirty pages left by the run before it: eca-surgery
-fsyncs what it writes (and so pays for its own write-back), the naive and floor paths do not.
+fsyncs what it writes (and so pays for its own write-back), the naive and floor paths do not
+(the durable floor does). The children's cache folder is one in the benchmark's temp folder.
 Every original tensor of every converted output is compared bitwise with the checkpoint's.
 The tables are printed and written to ``benchmarks/results/convert_speed.md``.
 
@@ -45,11 +51,14 @@ import time
 from pathlib import Path
 
 WORKER = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import torch, timm, safetensors.torch
 from eca_surgery import apply_plan, convert, load_patched, load_recipe, make_plan, verify
 
 path, name, ckpt, out, converted = sys.argv[1:6]
+if path == "ours-cold":
+    import os, tempfile
+    os.environ["ECA_SURGERY_CACHE"] = tempfile.mkdtemp(dir=os.path.dirname(out))
 recipe = load_recipe("se-to-eca")
 t0 = time.perf_counter()
 if path == "naive":
@@ -57,8 +66,8 @@ if path == "naive":
     model.load_state_dict(safetensors.torch.load_file(ckpt), strict=True)
     apply_plan(model, make_plan(model, recipe, name))
     safetensors.torch.save_file(model.state_dict(), out)
-elif path in ("ours", "ours-core"):
-    full = path == "ours"
+elif path in ("ours", "ours-cold", "ours-core"):
+    full = path != "ours-core"
     convert(name, recipe, checkpoint=ckpt, check=full, flops=full, timm_native=full, output=out, force=True)
 elif path == "load_patched":
     load_patched(converted)
@@ -70,6 +79,10 @@ elif path == "meta+read":
     safetensors.torch.load_file(converted)
 else:
     safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)
+    if path == "floor-fsync":
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -110,13 +123,25 @@ name, ckpt, out = sys.argv[1:4]
 safetensors.torch.save_file(safetensors.torch.load_file(ckpt), out)
 """
 
-WORK = ("naive", "ours", "ours-core", "floor", "load_patched", "verify", "meta+read")
+WORK = (
+    "naive",
+    "ours",
+    "ours-cold",
+    "ours-core",
+    "floor",
+    "floor-fsync",
+    "load_patched",
+    "verify",
+    "meta+read",
+)
 WHOLE = ("cli", "naive script", "floor script")
 LABELS = {
     "naive": "naive: random init, load, replace, save",
     "ours": "eca-surgery, as the CLI runs it (checks, MACs, timm-native search)",
+    "ours-cold": "the same, empty cache folder (first convert of this build)",
     "ours-core": "eca-surgery, the same work as naive (`check=False, flops=False, timm_native=False`)",
     "floor": "I/O floor: safetensors load + save",
+    "floor-fsync": "I/O floor, durable: load + save + fsync",
     "load_patched": "`load_patched` of the converted file",
     "verify": "`verify` of the converted file (load + finite check)",
     "meta+read": "meta-device build + safetensors `load_file` of it",
@@ -180,7 +205,7 @@ def identical(tmp: Path, ckpt: Path) -> tuple[bool, int]:
     original = safetensors.torch.load_file(ckpt)
     outputs = [
         safetensors.torch.load_file(tmp / f"{p}.safetensors")
-        for p in ("naive", "ours", "cli", "naive-script")
+        for p in ("naive", "ours", "ours-cold", "cli", "naive-script")
     ]
     kept = [k for k in original if k in outputs[0]]
     same = all(torch.equal(original[k], out[k]) for out in outputs for k in kept)
@@ -222,6 +247,8 @@ def main() -> None:
         ckpt = tmp / "source.safetensors"
         timed([sys.executable, "-c", SOURCE_SCRIPT, args.model, str(ckpt)], tmp / "log.txt")
         size_mb = ckpt.stat().st_size / 2**20
+        os.environ["ECA_SURGERY_CACHE"] = str(tmp / "cache")  # the children's, not the user's
+        run("ours", args.model, ckpt, tmp)  # fills it, untimed: see "ours"
         results: dict[str, list[dict]] = {p: [] for p in WORK + WHOLE}
         for _ in range(args.repeats):
             for path in WORK + WHOLE:
@@ -245,8 +272,8 @@ def main() -> None:
         "",
         *table(WHOLE, results, "naive script", "floor script"),
         "",
-        f"Original tensors bit-identical to the checkpoint in every converted output (naive, ours, cli, "
-        f"naive script), same keys: {same} ({compared} original tensors compared).",
+        f"Original tensors bit-identical to the checkpoint in every converted output (naive, ours, "
+        f"ours with an empty cache, cli, naive script), same keys: {same} ({compared} original tensors compared).",
         "",
         f"`eca-surgery convert {args.model} -r se-to-eca --dry-run -c FILE` read {dry_read} bytes more "
         f"than the same dry run without `-c` (rchar of /proc/self/io): the header of the {size_mb:.0f} MiB file.",

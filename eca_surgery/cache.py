@@ -1,7 +1,8 @@
-"""The scan cache: each model's scan outcome, and each pattern's model list, in the user's cache folder.
+"""The cache in the user's cache folder: each model's scan outcome, each pattern's model list,
+and what convert's meta-device work found out about a model build (``facts``).
 
-One JSON file per source (timm, torchvision) and versions: a re-scan of the whole zoo reads
-one file and imports neither torch nor timm. The file's key (the timm, torch, torchvision and
+One JSON file per source (timm, torchvision) and versions (and for build facts, per model
+and kwargs): a re-scan of the whole zoo reads one file and imports neither torch nor timm. The file's key (the timm, torch, torchvision and
 eca-surgery versions, the source, the model kwargs and whether MACs were counted) is in its
 name (a digest) and inside it (checked on reading). A file that cannot be read or trusted
 (corrupt, truncated, too large, of the wrong shape) is ignored and rewritten; a folder that
@@ -59,11 +60,16 @@ def source_of(name: str) -> str:
 
 
 def cache_key(
-    source: str, what: str, flops: bool | None = None, kwargs: dict[str, Any] | None = None
+    source: str,
+    what: str,
+    flops: bool | None = None,
+    kwargs: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """What a cached entry depends on: the versions of the code that made it, and how;
-    ``what`` the file holds: ``scan`` (outcomes) or ``names`` (model lists)."""
-    return {
+    ``what`` the file holds: ``scan`` (outcomes), ``names`` (model lists) or ``build`` (what
+    meta-device work found out about one ``model``, see ``facts``)."""
+    key = {
         "format": FORMAT,
         "what": what,
         "source": source,
@@ -74,6 +80,7 @@ def cache_key(
         "kwargs": kwargs or {},
         "flops": flops,
     }
+    return key if model is None else key | {"model": model}
 
 
 def _file_name(key: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from .card import ModelCard
 from .checkpoint import safetensors_io_errors, tensor_bytes
 from .edits import Gate
 from .errors import CheckpointError, SurgeryError
+from .facts import UNKNOWN, BuildFacts, shapes_digest
 from .models import check_has_data, check_matches, create_model
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
@@ -106,42 +107,50 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-# what find_native learnt in this process: the key -> shape map timm builds for a model name
-# and kwargs (None: timm cannot build it), and per model class, the candidate that matched
-_BUILT: dict[str, dict[str, tuple[int, ...]] | None] = {}
+# what find_native learnt in this process: the digest of the key -> shape map timm builds for a
+# model name and kwargs (None: timm cannot build it), and per model class, the candidate that matched
+_BUILT: dict[str, str | None] = {}
 _FAMILY: dict[type, int] = {}
 _CACHE_SIZE = 256
 
 
-def _built_shapes(model_name: str, kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """The key -> shape map of timm's meta-device build of ``model_name`` with ``kwargs``, or None
-    where timm cannot build it; each built once per process (no weights are made)."""
-
+def _built_digest(model_name: str, kwargs: dict[str, Any], facts: BuildFacts) -> str | None:
+    """The digest (``facts.shapes_digest``) of the key -> shape map of timm's meta-device build
+    of ``model_name`` with ``kwargs``, or None where timm cannot build it: built once per process
+    and kept in ``facts`` (the cache folder) for later ones; no weights are made."""
     key = json.dumps([model_name, kwargs], sort_keys=True, default=repr)
-    if key not in _BUILT:
+    digest = _BUILT.get(key, UNKNOWN)
+    kept = facts.native(kwargs)
+    if digest is UNKNOWN:
+        digest = kept
+    if digest is UNKNOWN:
         try:
-            shapes = _shapes(create_model(model_name, meta=True, **kwargs))
+            digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
         except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
-            shapes = None
-        if len(_BUILT) >= _CACHE_SIZE:
-            _BUILT.clear()
-        _BUILT[key] = shapes
-    return _BUILT[key]
+            digest = None
+    if kept is UNKNOWN:
+        facts.remember_native(kwargs, digest)
+    if len(_BUILT) >= _CACHE_SIZE:
+        _BUILT.clear()
+    _BUILT[key] = digest
+    return digest
 
 
 def find_native(model_name: str, model_kwargs: dict[str, Any], patched: nn.Module, plan: Plan) -> dict | None:
     """``{"model": name, "kwargs": {...}}`` that makes timm build ``patched`` itself, or None.
 
-    Compares key -> shape maps: the patched model's (read off its tensors, no copy) with
-    those of timm's meta-device builds of the candidates, trying first the one that matched
-    for the same model class before; both the builds and the match are kept in-process."""
+    Compares key -> shape maps (by digest): the patched model's (read off its tensors, no copy)
+    with those of timm's meta-device builds of the candidates, trying first the one that matched
+    for the same model class before. The builds' digests are kept in-process and in the cache
+    folder (``facts``), so a later run builds no candidate it has built before."""
     if not plan.edits or any(e.gate != Gate.SIGMOID for e in plan.edits):
         return None
-    target = _shapes(patched)
+    target = shapes_digest(_shapes(patched))
     candidates = _candidates(patched, model_kwargs)
     first = _FAMILY.get(type(patched), 0)
+    facts = BuildFacts.of(model_name, model_kwargs)
     for index in sorted(range(len(candidates)), key=lambda i: i != first):
-        if _built_shapes(model_name, candidates[index]) == target:
+        if _built_digest(model_name, candidates[index], facts) == target:
             _FAMILY[type(patched)] = index
             return {"model": model_name, "kwargs": candidates[index]}
     return None

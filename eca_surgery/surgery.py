@@ -28,6 +28,7 @@ from .data import calibration_batches, image_files
 from .detect import SEBlock, find_se_blocks, find_unknown_se_like
 from .edits import Position
 from .errors import CheckpointError, SurgeryError
+from .facts import BuildFacts
 from .init import (
     BlockSamples,
     fidelity,
@@ -602,18 +603,26 @@ def _patched_build(job: _Job) -> nn.Module:
 
 
 def _original_pass(job: _Job, check: bool, flops: bool) -> tuple[_Job, MetaPass | None]:
-    """The original model's meta-device pass (None: neither ``check`` nor ``flops``), on the
-    build itself, whose weights come later; with a fresh build in ``job`` if the pass left
-    anything behind in it (a cache of meta tensors). A torchvision detection or segmentation
-    model, which caches, and a model object run on a copy."""
+    """The original model's meta-device pass (None: neither ``check`` nor ``flops``): as an
+    earlier run saw the same build (``facts``), else run on the build itself, whose weights come
+    later, with a fresh build in ``job`` if the pass left anything behind in it (a cache of meta
+    tensors). A torchvision detection or segmentation model, which caches, and a model object
+    run on a copy."""
     if not (check or flops):
         return job, None
+    facts = BuildFacts.of(job.origin.name, job.origin.kwargs) if job.origin.by_name else BuildFacts(None)
+    before = facts.meta_pass()
+    if before is not None:
+        return job, before
     if dense_task(job.meta) is not None or not job.origin.by_name:
-        return job, meta_pass(copy.deepcopy(job.meta), check, flops)
-    state = left_behind(job.meta)
-    before = meta_pass(job.meta, check, flops)
-    if left_behind(job.meta) != state:
-        job = replace(job, meta=_build(job.origin, meta=True).eval())
+        before = meta_pass(copy.deepcopy(job.meta), check, flops)
+    else:
+        state = left_behind(job.meta)
+        before = meta_pass(job.meta, check, flops)
+        if left_behind(job.meta) != state:
+            job = replace(job, meta=_build(job.origin, meta=True).eval())
+    if check and flops:
+        facts.remember_pass(before)
     return job, before
 
 

@@ -14,6 +14,7 @@ import safetensors
 import timm
 import torch
 from safetensors.torch import save_file
+from spies import counting
 
 import eca_surgery.checks as checks
 import eca_surgery.flops as flops
@@ -106,25 +107,13 @@ def test_dry_run_refuses_a_checkpoint_of_another_model_from_its_header(tmp_path)
         convert("seresnet18", "se-to-eca", checkpoint=path, dry_run=True)
 
 
-def _counting(monkeypatch, module, name) -> list:
-    calls = []
-    original = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
-
-
 def test_default_convert_runs_each_model_once(tmp_path, monkeypatch):
     path = tmp_path / "src.safetensors"
     save_file(timm.create_model("seresnet18").state_dict(), str(path))
-    runs = _counting(monkeypatch, checks, "run")
-    separate = _counting(monkeypatch, flops, "count_macs_or_reason")
-    finite = _counting(monkeypatch, surgery, "forward_check")
-    builds = _counting(monkeypatch, surgery, "create_model")
+    runs = counting(monkeypatch, checks, "run")
+    separate = counting(monkeypatch, flops, "count_macs_or_reason")
+    finite = counting(monkeypatch, surgery, "forward_check")
+    builds = counting(monkeypatch, surgery, "create_model")
     result = convert("seresnet18", "se-to-eca", checkpoint=path)
     result.save(tmp_path / "out.safetensors")
     # the original on the meta device (the patched model's shape and MACs are derived from it),
@@ -139,7 +128,7 @@ def test_default_convert_runs_each_model_once(tmp_path, monkeypatch):
 def test_native_search_builds_each_candidate_once_per_process(monkeypatch):
     monkeypatch.setattr(native, "_BUILT", {})
     monkeypatch.setattr(native, "_FAMILY", {})
-    builds = _counting(monkeypatch, native, "create_model")
+    builds = counting(monkeypatch, native, "create_model")
     plan = make_plan(create_model("efficientnet_b0", meta=True), load_recipe("se-to-eca"), "efficientnet_b0")
     patched = surgery.apply_plan(create_model("efficientnet_b0", meta=True), plan)
     first = find_native("efficientnet_b0", {}, patched, plan)
@@ -195,7 +184,7 @@ def test_a_meta_pass_that_leaves_a_cache_behind_gets_a_fresh_build(tmp_path, mon
     monkeypatch.setattr(timm.models.resnet.ResNet, "forward_head", caching)
     path = tmp_path / "src.safetensors"
     save_file(timm.create_model("seresnet18").state_dict(), str(path))
-    builds = _counting(monkeypatch, surgery, "create_model")
+    builds = counting(monkeypatch, surgery, "create_model")
     result = convert("seresnet18", "se-to-eca", checkpoint=path)
     assert len(builds) == 2 and not result.model.scale.is_meta and result.check["finite"]
 
