@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -44,7 +44,7 @@ from .models import (
     resolve_name,
     shapes_of,
 )
-from .outputs import atomic_write_file
+from .outputs import Meanwhile, atomic_write_file
 from .plan import Plan, make_plan
 from .recipe import Recipe, recipe_from_dict
 from .weights import check_tensors, read_safetensors
@@ -537,7 +537,7 @@ def write_checkpoint(
     original: nn.Module | None = None,
     dtype: DType | str | None = None,
     built: Mapping[str, tuple[int, ...]] | None = None,
-    meanwhile: Callable[[], Any] | None = None,
+    meanwhile: Meanwhile | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with ``record`` (stamped with the current versions and
     the tensors' dtype) as metadata to ``path`` atomically, its floating tensors cast to
@@ -552,7 +552,7 @@ def write_checkpoint(
         save_safetensors(tensors, tmp, metadata)
 
     def check_and_rewrite() -> None:  # a check that changed a tensor in place: write it again
-        meanwhile()
+        meanwhile.run()
         if [t._version for t in tensors.values()] != versions:
             stale.append(True)
 
@@ -562,7 +562,7 @@ def write_checkpoint(
         write,
         force,
         tensor_bytes(tensors),
-        meanwhile=None if meanwhile is None else check_and_rewrite,
+        meanwhile=None if meanwhile is None else Meanwhile(check_and_rewrite, meanwhile.stop),
         again=lambda: bool(stale),
     )
 
@@ -599,7 +599,7 @@ def save_patched(
     force: bool = False,
     original: nn.Module | None = None,
     built: Mapping[str, tuple[int, ...]] | None = None,
-    meanwhile: Callable[[], Any] | None = None,
+    meanwhile: Meanwhile | None = None,
 ) -> Path:
     """Write ``model``'s state_dict with rebuild metadata to ``path`` atomically.
 

@@ -6,6 +6,7 @@ on a small real input. Used by ``convert`` (before and after the plan) and ``ver
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -162,6 +163,29 @@ def outputs(out) -> list[torch.Tensor]:
     return [out]
 
 
+class Stopped(Exception):
+    """A forward check asked to stop (see ``forward_check``)."""
+
+
+@contextmanager
+def _stoppable(model: nn.Module, stop: threading.Event | None) -> Iterator[None]:
+    """Make each module of ``model`` raise ``Stopped`` before it runs once ``stop`` is set."""
+    if stop is None:
+        yield
+        return
+
+    def check(module: nn.Module, args: Any) -> None:
+        if stop.is_set():
+            raise Stopped("the forward check was stopped")
+
+    hooks = [m.register_forward_pre_hook(check) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def shape_of(out) -> list:
     shapes = [list(t.shape) for t in outputs(out)]
     return shapes[0] if isinstance(out, torch.Tensor) else shapes
@@ -181,14 +205,14 @@ def one_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
-def forward_check(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def forward_check(model: nn.Module, x: torch.Tensor, stop: threading.Event | None = None) -> dict[str, Any]:
     """Run ``model`` on ``x`` (a small input, on one CPU thread); raise unless every output
-    is finite.
+    is finite. Once ``stop`` is set (from another thread), the pass ends at the next module.
 
     ``output_shape`` in the result is one shape, or a list of shapes for a model that
     returns several feature maps.
     """
-    with one_thread() if x.device.type == "cpu" else nullcontext():
+    with one_thread() if x.device.type == "cpu" else nullcontext(), _stoppable(model, stop):
         out = run(model, x)
     shape = shape_of(out)
     finite = all(bool(torch.isfinite(t).all()) for t in outputs(out))

@@ -10,6 +10,7 @@ import copy
 import itertools
 import numbers
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,7 @@ from .models import (
     shapes_of,
 )
 from .native import NOT_NATIVE, check_native, find_native
+from .outputs import Meanwhile
 from .plan import Plan, count_params, make_plan
 from .recipe import Recipe, load_recipe
 from .weights import pretrained_file, read_state_dict
@@ -125,7 +127,7 @@ class Conversion:
         variant and init record of this conversion. Returns the path written."""
         return self._save(path, force)
 
-    def _save(self, path: str | Path, force: bool, meanwhile: Callable[[], Any] | None = None) -> Path:
+    def _save(self, path: str | Path, force: bool, meanwhile: Meanwhile | None = None) -> Path:
         """``save``, running ``meanwhile`` as the file is written (see ``save_patched``)."""
         from .checkpoint import save_patched
 
@@ -334,12 +336,12 @@ class _Outputs:
         check_outputs_apart({"output": self.output, "timm folder": self.timm_dir}, inputs)
         return removed
 
-    def write(self, result: Conversion, finish: Callable[[], None]) -> Conversion:
+    def write(self, result: Conversion, finish: Meanwhile) -> Conversion:
         """Run the last check (``finish``), cast the converted model to ``dtype`` (if given) and
         write the outputs; ``result``. The check runs while the checkpoint is written where it
         can (no cast in between): the file is put in place only if the check passes."""
         if self.dtype is not None or self.output is None:
-            finish()
+            finish.run()
             finish = None
         if self.dtype is not None:
             result.model.to(getattr(torch, self.dtype.value))
@@ -571,7 +573,7 @@ def _what(job: _Job) -> str:
     return f"Checkpoint {str(job.path)!r}"
 
 
-def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> tuple[Conversion, Callable[[], None]]:
+def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> tuple[Conversion, Meanwhile]:
     """Load the weights and apply the plan with the chosen init: one meta-device pass of the
     original gives its output shape and MACs, and the patched model's are derived from them.
     Also returns the last check, still to run (``finish``, see ``_Outputs.write``): the patched
@@ -590,11 +592,13 @@ def _convert(job: _Job, check: bool, flops: bool, timm_native: bool) -> tuple[Co
         strict=job.strict, original=original, built=shapes_of(model.state_dict()) if job.origin.by_name else None,
     )  # fmt: skip
 
+    stop = threading.Event()
+
     def finish() -> None:
         if check:
-            result.check = _check(model, before.shape, after.shape, job.seed)
+            result.check = _check(model, before.shape, after.shape, job.seed, stop)
 
-    return result, finish
+    return result, Meanwhile(finish, stop.set)
 
 
 def _patched_build(job: _Job) -> nn.Module:
@@ -678,12 +682,14 @@ def _floating(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, t) for name, t in tensors if t.is_floating_point()]
 
 
-def _check(model: nn.Module, expected: list, shape: list, seed: int) -> dict[str, Any]:
+def _check(
+    model: nn.Module, expected: list, shape: list, seed: int, stop: threading.Event | None = None
+) -> dict[str, Any]:
     """The forward check: the patched twin's output ``shape`` is the original's (``expected``),
-    and the patched model's outputs on a small input are finite."""
+    and the patched model's outputs on a small input are finite (ended early once ``stop`` is set)."""
     if shape != expected:
         raise SurgeryError(SHAPE_CHANGED.format(expected=expected))
-    result = forward_check(model, sample_input(model, seed))
+    result = forward_check(model, sample_input(model, seed), stop)
     result["output_shape_at_default_size"] = expected
     return result
 

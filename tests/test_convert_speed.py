@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from spies import counting
 
+import eca_surgery.checkpoint as checkpoint
 import eca_surgery.checks as checks
 import eca_surgery.flops as flops
 import eca_surgery.native as native
@@ -194,8 +195,8 @@ def test_the_finite_check_runs_while_the_checkpoint_is_written_and_a_failure_wri
 ):
     writing = []
 
-    def failing(model, x):
-        writing.append(any(t.name == "eca-surgery-writer" for t in threading.enumerate()))
+    def failing(model, x, stop=None):
+        writing.append(threading.current_thread().name == "eca-surgery-meanwhile")
         raise SurgeryError("The patched model's output has NaN or infinite values; planted.")
 
     monkeypatch.setattr(surgery, "forward_check", failing)
@@ -210,16 +211,20 @@ def test_the_finite_check_runs_while_the_checkpoint_is_written_and_a_failure_wri
 
 
 def test_a_check_that_changes_a_weight_in_place_gets_the_file_written_again(tmp_path, monkeypatch):
-    real = surgery.forward_check
+    real, save = surgery.forward_check, checkpoint.save_safetensors
+    written = threading.Event()
 
-    def changing(model, x):
-        for t in threading.enumerate():
-            if t.name == "eca-surgery-writer":
-                t.join()  # the file is written: a change now is not in it
+    def saving(*args):
+        save(*args)
+        written.set()
+
+    def changing(model, x, stop=None):
+        assert written.wait(timeout=60)  # the file is written: a change now is not in it
         with torch.no_grad():
             model.fc.bias.add_(1.0)  # as a forward pass that updates a buffer in eval mode would
-        return real(model, x)
+        return real(model, x, stop)
 
+    monkeypatch.setattr(checkpoint, "save_safetensors", saving)
     monkeypatch.setattr(surgery, "forward_check", changing)
     out = tmp_path / "out.safetensors"
     result = convert("seresnet18", "se-to-eca", output=out)

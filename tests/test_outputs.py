@@ -479,7 +479,8 @@ def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
 
 
 STALL = """
-import sys, time
+import sys, threading, time
+import torch
 import eca_surgery.outputs
 import eca_surgery.surgery
 from eca_surgery.cli import main
@@ -496,31 +497,40 @@ def stall(module, name, word):
 
     setattr(module, name, stalled)
 
+def slow_module(module, args):  # the check beside the writing, 0.5 s a module: about a minute
+    if threading.current_thread().name == "eca-surgery-meanwhile":
+        if not said:
+            said.append(sys.stderr.write("STALLED\\n"))
+            sys.stderr.flush()
+        time.sleep(0.5)
+
+said = []
 if sys.argv[1] == "writing":  # the temporary is written in full and checked, not yet renamed
     stall(eca_surgery.outputs, "_ready", "STALLED")
-else:  # the model is converted, not yet checked
-    stall(eca_surgery.surgery, "forward_check", "STALLED")
+else:  # the model is converted and being checked (only a stop at the next module ends it soon)
+    torch.nn.modules.module.register_module_forward_pre_hook(slow_module)
 sys.argv[1:2] = []
 main()
 """
 
 
-WRITER_STALL = """
+CHECK_STALL = """
 import sys, time
 from pathlib import Path
-import eca_surgery.checkpoint
+import eca_surgery.surgery
 from eca_surgery.cli import main
 
-real = eca_surgery.checkpoint.save_safetensors
+real = eca_surgery.surgery.forward_check
 
-def slow(tensors, path, metadata):  # in the writer thread, while the check is long done
-    real(tensors, path, metadata)
+def slow(model, x, stop=None):  # in the thread beside the writing, which ends long before it
+    result = real(model, x, stop)
     sys.stderr.write("STALLED\\n")
     sys.stderr.flush()
     time.sleep(3)
-    (Path(path).parent / "writer-ended").write_text("yes")
+    Path("check-ended").write_text("yes")
+    return result
 
-eca_surgery.checkpoint.save_safetensors = slow
+eca_surgery.surgery.forward_check = slow
 main()
 """
 
@@ -539,13 +549,13 @@ def _stalled(tmp_path: Path, script: str, *args: str) -> subprocess.Popen:
     return proc
 
 
-def test_a_signal_while_waiting_for_the_writer_waits_for_it_and_exits_cleanly(tmp_path):
-    proc = _stalled(tmp_path, WRITER_STALL)
+def test_a_signal_while_waiting_for_the_check_beside_the_writing_waits_for_it_and_exits_cleanly(tmp_path):
+    proc = _stalled(tmp_path, CHECK_STALL)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Terminated" in stderr and "Traceback" not in stderr, stderr
-    # the writer was waited for (a thread cut off inside safetensors at exit aborts the process)
-    assert sorted(os.listdir(tmp_path)) == ["writer-ended"]
+    # the check was waited for (a thread cut off inside torch at exit may abort the process)
+    assert sorted(os.listdir(tmp_path)) == ["check-ended"]
 
 
 @pytest.mark.parametrize("phase", ["working", "writing"])
@@ -557,9 +567,11 @@ def test_a_signal_at_a_known_point_exits_cleanly(tmp_path, phase, sig, code, sai
     if phase == "writing":
         assert [p.stat().st_size > 1000 for p in _temporary_files(tmp_path)] == [True]
     proc.send_signal(sig)
+    sent = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code and said in stderr and "Traceback" not in stderr, stderr
     assert sorted(os.listdir(tmp_path)) == []
+    assert time.monotonic() - sent < 15  # a check that is running stops at its next module
 
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path):
