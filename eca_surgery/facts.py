@@ -93,8 +93,11 @@ def _is_digest(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+MAX_COUNT = 2**62  # far above any model's MACs; a report divides them as floats
+
+
 def _count(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
 
 
 def _is_shape(value: Any) -> bool:
@@ -110,5 +113,7 @@ def _meta_pass_of(entry: dict[str, Any]) -> MetaPass | None:
     if not (_is_shape(shape) and (macs is None or _count(macs)) and (why is None or isinstance(why, str))):
         return None
     if not isinstance(scope, str) or not isinstance(modules, dict) or not all(map(_count, modules.values())):
+        return None
+    if any(v > (macs or 0) for v in modules.values()):  # no module counts more than the whole
         return None
     return MetaPass(shape, macs, why, scope, dict(modules))

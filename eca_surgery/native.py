@@ -81,7 +81,7 @@ def check_native(model_name: str, model_kwargs: dict[str, Any], meta_model: nn.M
     reason = native_obstacle(plan)
     if reason is not None:
         raise SurgeryError(reason)
-    native = find_native(model_name, model_kwargs, apply_plan(meta_model, plan), plan)
+    native = find_native(model_name, model_kwargs, apply_plan(meta_model, plan), plan, built=True)
     if native is None:
         raise SurgeryError(NOT_NATIVE.format(model=model_name))
     return native
@@ -107,42 +107,52 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-# what find_native learnt in this process: the digest of the key -> shape map timm builds for a
+# what find_native learnt in this process: the digest of the key -> shape map timm built for a
 # model name and kwargs (None: timm cannot build it), and per model class, the candidate that matched
 _BUILT: dict[str, str | None] = {}
 _FAMILY: dict[type, int] = {}
 _CACHE_SIZE = 256
 
 
-def _built_digest(model_name: str, kwargs: dict[str, Any], facts: BuildFacts) -> str | None:
+def _built_digest(
+    model_name: str, kwargs: dict[str, Any], facts: BuildFacts, kept: bool = True
+) -> str | None:
     """The digest (``facts.shapes_digest``) of the key -> shape map of timm's meta-device build
     of ``model_name`` with ``kwargs``, or None where timm cannot build it: built once per process
-    and kept in ``facts`` (the cache folder) for later ones; no weights are made."""
+    and kept in ``facts`` (the cache folder) for later ones; no weights are made. With ``kept``
+    False the answer is one this process built (a cache file, which anyone may have written,
+    is then only corrected)."""
     key = json.dumps([model_name, kwargs], sort_keys=True, default=repr)
-    digest = _BUILT.get(key, UNKNOWN)
-    kept = facts.native(kwargs)
-    if digest is UNKNOWN:
-        digest = kept
-    if digest is UNKNOWN:
-        try:
-            digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
-        except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
-            digest = None
-    if kept is UNKNOWN:
+    spelled = key if json.loads(json.dumps(kwargs, default=repr)) == kwargs else None  # objects: no memo
+    if spelled is not None and spelled in _BUILT:
+        return _BUILT[spelled]
+    known = facts.native(kwargs)
+    if kept and known is not UNKNOWN:
+        return known
+    try:
+        digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
+    except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
+        digest = None
+    if known != digest:
         facts.remember_native(kwargs, digest)
     if len(_BUILT) >= _CACHE_SIZE:
         _BUILT.clear()
-    _BUILT[key] = digest
+    if spelled is not None:
+        _BUILT[spelled] = digest
     return digest
 
 
-def find_native(model_name: str, model_kwargs: dict[str, Any], patched: nn.Module, plan: Plan) -> dict | None:
+def find_native(
+    model_name: str, model_kwargs: dict[str, Any], patched: nn.Module, plan: Plan, built: bool = False
+) -> dict | None:
     """``{"model": name, "kwargs": {...}}`` that makes timm build ``patched`` itself, or None.
 
     Compares key -> shape maps (by digest): the patched model's (read off its tensors, no copy)
     with those of timm's meta-device builds of the candidates, trying first the one that matched
     for the same model class before. The builds' digests are kept in-process and in the cache
-    folder (``facts``), so a later run builds no candidate it has built before."""
+    folder (``facts``), so a later run builds no candidate that did not match before; the one
+    that matches is always built in this process (a cache file cannot name kwargs that timm
+    would not build), and with ``built`` every candidate tried is."""
     if not plan.edits or any(e.gate != Gate.SIGMOID for e in plan.edits):
         return None
     target = shapes_digest(_shapes(patched))
@@ -150,7 +160,9 @@ def find_native(model_name: str, model_kwargs: dict[str, Any], patched: nn.Modul
     first = _FAMILY.get(type(patched), 0)
     facts = BuildFacts.of(model_name, model_kwargs)
     for index in sorted(range(len(candidates)), key=lambda i: i != first):
-        if _built_digest(model_name, candidates[index], facts) == target:
+        if _built_digest(model_name, candidates[index], facts, kept=not built) != target:
+            continue
+        if _built_digest(model_name, candidates[index], facts, kept=False) == target:
             _FAMILY[type(patched)] = index
             return {"model": model_name, "kwargs": candidates[index]}
     return None

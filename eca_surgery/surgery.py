@@ -218,6 +218,8 @@ def derived_macs(before: MetaPass, plan: Plan) -> int | None:
     if before.macs is None or before.scope or not before.modules:
         return None
     removed = sum(before.modules.get(e.path, 0) for e in plan.edits if e.position == Position.IN_PLACE)
+    if removed > before.macs:  # not a pass of this model (a cache file, say): count the patched one
+        return None
     return before.macs - removed + sum(e.channels * e.kernel_size for e in plan.edits)
 
 
