@@ -680,7 +680,7 @@ def safetensors_io_errors() -> Iterator[None]:
     try:
         yield
     except SafetensorError as exc:
-        code = re.search(r"code: (\d+)", str(exc))
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))  # Debug or Display form of io::Error
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1]))) from exc

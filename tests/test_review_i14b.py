@@ -187,3 +187,30 @@ def test_converts_in_worker_threads_at_once_write_checked_outputs(tmp_path):
     assert threading.active_count() == 1 or not any(
         t.name == "eca-surgery-meanwhile" for t in threading.enumerate()
     )
+
+
+def test_a_write_over_the_file_size_limit_is_a_clean_error_and_keeps_the_old_output(tmp_path):
+    """safetensors spells the OS error as ``(os error 27)``: it is an OSError like any other."""
+    import resource
+
+    out = tmp_path / "m.safetensors"
+    out.write_text("old")
+    env = {**os.environ, "ECA_SURGERY_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "eca_surgery", "convert", "seresnet18", "-r", "se-to-eca", "-o", str(out)]
+    limit = (1 << 20, resource.RLIM_INFINITY)
+    done = subprocess.run(
+        [*argv, "--force"], env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "File too large" in done.stderr and out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m.safetensors"]
+
+
+def test_a_dtype_or_fit_se_convert_reads_the_same_facts_as_a_plain_one(tmp_path, monkeypatch):
+    plain = convert("seresnet18", "se-to-eca", output=tmp_path / "a.safetensors")
+    _new_process(monkeypatch)
+    half = convert("seresnet18", "se-to-eca", output=tmp_path / "b.safetensors", dtype="bfloat16")
+    fit = convert("seresnet18", "se-to-eca", dry_run=False, init="fit-se", calib_size=2)
+    assert plain.macs == half.macs == fit.macs and plain.native == half.native == fit.native
+    assert half.check["dtype"] == "bfloat16" and half.check["finite"]
