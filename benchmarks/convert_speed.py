@@ -1,7 +1,9 @@
 """Convert time and peak memory: eca-surgery vs the naive path vs the I/O floor.
 
 Two tables, from one run, every path in its own fresh process (peak RSS is per process),
-paths interleaved, ``--repeats`` times each; min and median wall time, ratios of medians.
+paths interleaved, ``--repeats`` times each (each round in an order turned by one, so that no
+path always runs after the same one, which on a disk leaves it its freed blocks to discard);
+min and median wall time, ratios of medians.
 
 Work only (each process first pays the imports every path pays: torch, timm, safetensors,
 eca_surgery; then times only the work):
@@ -250,8 +252,9 @@ def main() -> None:
         os.environ["ECA_SURGERY_CACHE"] = str(tmp / "cache")  # the children's, not the user's
         run("ours", args.model, ckpt, tmp)  # fills it, untimed: see "ours"
         results: dict[str, list[dict]] = {p: [] for p in WORK + WHOLE}
-        for _ in range(args.repeats):
-            for path in WORK + WHOLE:
+        paths = WORK + WHOLE
+        for repeat in range(args.repeats):  # each round starts one path later: no path always follows another
+            for path in paths[repeat:] + paths[:repeat]:
                 results[path].append(run(path, args.model, ckpt, tmp))
         same, compared = identical(tmp, ckpt)
         dry_read = dry_run_bytes(args.model, ckpt, tmp)
