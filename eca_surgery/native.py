@@ -124,9 +124,11 @@ def _built_digest(
     is then only corrected)."""
     key = json.dumps([model_name, kwargs], sort_keys=True, default=repr)
     spelled = key if json.loads(json.dumps(kwargs, default=repr)) == kwargs else None  # objects: no memo
-    if spelled is not None and spelled in _BUILT:
-        return _BUILT[spelled]
     known = facts.native(kwargs)
+    if spelled is not None and spelled in _BUILT:  # built here: the cache folder learns it too
+        if known != _BUILT[spelled]:
+            facts.remember_native(kwargs, _BUILT[spelled])
+        return _BUILT[spelled]
     if kept and known is not UNKNOWN:
         return known
     try:

@@ -133,3 +133,10 @@ def test_a_second_cli_process_reads_the_facts_the_first_wrote(tmp_path, checkpoi
     assert len(list((tmp_path / "cache").glob("build-timm-*.json"))) == 1
     for key in ("macs_before", "macs_after", "timm_native", "check"):
         assert outputs[0][key] == outputs[1][key] and outputs[0][key]
+
+
+def test_a_candidate_this_process_built_before_reaches_a_new_cache_folder(tmp_path, monkeypatch):
+    convert("seresnet18", "se-to-eca", dry_run=True)  # built and memoised in this process
+    monkeypatch.setenv("ECA_SURGERY_CACHE", str(tmp_path / "other"))
+    convert("seresnet18", "se-to-eca", dry_run=True)
+    assert isinstance(BuildFacts.of("seresnet18", {}).native({"block_args": {"attn_layer": "eca"}}), str)
