@@ -2,9 +2,10 @@
 and what convert's meta-device work found out about a model build (``facts``).
 
 One JSON file per source (timm, torchvision) and versions (and for build facts, per model
-and kwargs): a re-scan of the whole zoo reads one file and imports neither torch nor timm. The file's key (the timm, torch, torchvision and
-eca-surgery versions, the source, the model kwargs and whether MACs were counted) is in its
-name (a digest) and inside it (checked on reading). A file that cannot be read or trusted
+and kwargs): a re-scan of the whole zoo reads one file and imports neither torch nor timm.
+The file's key (the timm, torch, torchvision and eca-surgery versions, the source, the model
+kwargs and whether MACs were counted) is in its name (a digest) and inside it (checked on
+reading). A file that cannot be read or trusted
 (corrupt, truncated, too large, of the wrong shape) is ignored and rewritten; a folder that
 cannot be written leaves the scan uncached, with one note.
 """

@@ -34,12 +34,14 @@ def shapes_digest(shapes: dict[str, tuple[int, ...]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _spelled(value: Any) -> str | None:
-    """``value`` as canonical JSON, or None where JSON cannot spell it exactly."""
+def spelled(value: Any) -> str | None:
+    """``value`` as canonical JSON, or None where JSON cannot spell it exactly: an object, NaN,
+    or a value that reads back as another (a tuple as a list)."""
     try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
+        text = json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError):
         return None
+    return text if json.loads(text) == value else None
 
 
 @dataclass
@@ -51,9 +53,9 @@ class BuildFacts:
     @classmethod
     def of(cls, name: str, kwargs: dict[str, Any]) -> BuildFacts:
         """The facts of ``name`` (a timm or ``torchvision:`` name) built with ``kwargs``."""
-        if _spelled(kwargs) is None:
+        if spelled(kwargs) is None:
             return cls(None)
-        key = cache_key(source_of(name), "build", kwargs=json.loads(_spelled(kwargs)), model=name)
+        key = cache_key(source_of(name), "build", kwargs=kwargs, model=name)
         return cls(CacheFile.open(cache_dir(), key))
 
     def meta_pass(self) -> MetaPass | None:
@@ -72,16 +74,16 @@ class BuildFacts:
     def native(self, candidate: dict[str, Any]) -> str | None | object:
         """The shapes digest of timm's build of ``candidate`` kwargs, None where timm cannot
         build it, or ``UNKNOWN``."""
-        spelled = _spelled(candidate)
-        if self.file is None or spelled is None:
+        text = spelled(candidate)
+        if self.file is None or text is None:
             return UNKNOWN
-        entry = self.file.entries.get(NATIVE_PREFIX + spelled, UNKNOWN)
+        entry = self.file.entries.get(NATIVE_PREFIX + text, UNKNOWN)
         return entry if entry is None or _is_digest(entry) else UNKNOWN
 
     def remember_native(self, candidate: dict[str, Any], digest: str | None) -> None:
-        spelled = _spelled(candidate)
-        if self.file is not None and spelled is not None:
-            self._put(NATIVE_PREFIX + spelled, digest)
+        text = spelled(candidate)
+        if self.file is not None and text is not None:
+            self._put(NATIVE_PREFIX + text, digest)
 
     def _put(self, name: str, value: Any) -> None:
         """Add an entry and write the file now (a folder that cannot be written leaves it uncached)."""

@@ -21,7 +21,7 @@ from .card import ModelCard
 from .checkpoint import safetensors_io_errors, tensor_bytes
 from .edits import Gate
 from .errors import CheckpointError, SurgeryError
-from .facts import UNKNOWN, BuildFacts, shapes_digest
+from .facts import UNKNOWN, BuildFacts, shapes_digest, spelled
 from .models import check_has_data, check_matches, create_model
 from .outputs import atomic_write_dir, check_dir_output
 from .plan import Plan
@@ -114,34 +114,34 @@ _FAMILY: dict[type, int] = {}
 _CACHE_SIZE = 256
 
 
-def _built_digest(
-    model_name: str, kwargs: dict[str, Any], facts: BuildFacts, kept: bool = True
-) -> str | None:
+def _built_digest(model_name: str, kwargs: dict[str, Any], facts: BuildFacts) -> str | None:
     """The digest (``facts.shapes_digest``) of the key -> shape map of timm's meta-device build
     of ``model_name`` with ``kwargs``, or None where timm cannot build it: built once per process
-    and kept in ``facts`` (the cache folder) for later ones; no weights are made. With ``kept``
-    False the answer is one this process built (a cache file, which anyone may have written,
-    is then only corrected)."""
-    key = json.dumps([model_name, kwargs], sort_keys=True, default=repr)
-    spelled = key if json.loads(json.dumps(kwargs, default=repr)) == kwargs else None  # objects: no memo
-    known = facts.native(kwargs)
-    if spelled is not None and spelled in _BUILT:  # built here: the cache folder learns it too
-        if known != _BUILT[spelled]:
-            facts.remember_native(kwargs, _BUILT[spelled])
-        return _BUILT[spelled]
-    if kept and known is not UNKNOWN:
-        return known
-    try:
-        digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
-    except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
-        digest = None
-    if known != digest:
+    (kwargs JSON cannot spell exactly, every time), and the cache folder (``facts``) corrected
+    to it; no weights are made."""
+    key = spelled([model_name, kwargs])
+    if key is not None and key in _BUILT:
+        digest = _BUILT[key]
+    else:
+        try:
+            digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
+        except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
+            digest = None
+        if len(_BUILT) >= _CACHE_SIZE:
+            _BUILT.clear()
+        if key is not None:
+            _BUILT[key] = digest
+    if facts.native(kwargs) != digest:
         facts.remember_native(kwargs, digest)
-    if len(_BUILT) >= _CACHE_SIZE:
-        _BUILT.clear()
-    if spelled is not None:
-        _BUILT[spelled] = digest
     return digest
+
+
+def _ruled_out(model_name: str, kwargs: dict[str, Any], facts: BuildFacts, target: str) -> bool:
+    """Whether an earlier build of this candidate (in this process, else as the cache folder
+    says) gave other shapes than ``target``: it is then not tried again."""
+    key = spelled([model_name, kwargs])
+    known = _BUILT[key] if key is not None and key in _BUILT else facts.native(kwargs)
+    return known is not UNKNOWN and known != target
 
 
 def find_native(
@@ -151,10 +151,10 @@ def find_native(
 
     Compares key -> shape maps (by digest): the patched model's (read off its tensors, no copy)
     with those of timm's meta-device builds of the candidates, trying first the one that matched
-    for the same model class before. The builds' digests are kept in-process and in the cache
-    folder (``facts``), so a later run builds no candidate that did not match before; the one
-    that matches is always built in this process (a cache file cannot name kwargs that timm
-    would not build), and with ``built`` every candidate tried is."""
+    for the same model class before. A candidate an earlier run built with other shapes (in this
+    process, or as the cache folder, ``facts``, says) is skipped, unless ``built``; the one that
+    matches is always built in this process, so a cache file cannot name kwargs that timm would
+    not build."""
     if not plan.edits or any(e.gate != Gate.SIGMOID for e in plan.edits):
         return None
     target = shapes_digest(_shapes(patched))
@@ -162,9 +162,9 @@ def find_native(
     first = _FAMILY.get(type(patched), 0)
     facts = BuildFacts.of(model_name, model_kwargs)
     for index in sorted(range(len(candidates)), key=lambda i: i != first):
-        if _built_digest(model_name, candidates[index], facts, kept=not built) != target:
+        if not built and _ruled_out(model_name, candidates[index], facts, target):
             continue
-        if _built_digest(model_name, candidates[index], facts, kept=False) == target:
+        if _built_digest(model_name, candidates[index], facts) == target:
             _FAMILY[type(patched)] = index
             return {"model": model_name, "kwargs": candidates[index]}
     return None

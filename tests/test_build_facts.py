@@ -140,3 +140,20 @@ def test_a_candidate_this_process_built_before_reaches_a_new_cache_folder(tmp_pa
     monkeypatch.setenv("ECA_SURGERY_CACHE", str(tmp_path / "other"))
     convert("seresnet18", "se-to-eca", dry_run=True)
     assert isinstance(BuildFacts.of("seresnet18", {}).native({"block_args": {"attn_layer": "eca"}}), str)
+
+
+def test_a_candidate_with_kwargs_json_cannot_spell_is_built_once(monkeypatch):
+    import torch
+
+    from eca_surgery import find_native, make_plan
+    from eca_surgery.apply import apply_plan
+    from eca_surgery.models import create_model
+    from eca_surgery.recipe import load_recipe
+
+    kwargs = {"act_layer": torch.nn.ReLU}  # never memoised nor cached: an object
+    plan = make_plan(create_model("seresnet18", meta=True, **kwargs), load_recipe("se-to-eca"), "seresnet18")
+    patched = apply_plan(create_model("seresnet18", meta=True, **kwargs), plan)
+    builds = counting(monkeypatch, native, "create_model")
+    found = find_native("seresnet18", kwargs, patched, plan)
+    assert found == {"model": "seresnet18", "kwargs": {**kwargs, "block_args": {"attn_layer": "eca"}}}
+    assert len(builds) == 1
