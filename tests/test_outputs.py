@@ -47,9 +47,10 @@ def no_real_work(monkeypatch):
 
 
 @pytest.fixture
-def nothing_removed(monkeypatch):
+def nothing_removed():
     """Fail the test if anything but one of the tool's own temporaries is removed, renamed
-    or replaced: a refusal must not depend on a later check to save the user's files."""
+    or replaced: a refusal must not depend on a later check to save the user's files.
+    The guards go at this fixture's teardown, before pytest removes the test's tmp_path."""
     import shutil
 
     def guard(real):
@@ -59,9 +60,11 @@ def nothing_removed(monkeypatch):
 
         return checked
 
-    for name in ("unlink", "remove", "rmdir", "rename", "replace"):
-        monkeypatch.setattr(os, name, guard(getattr(os, name)))
-    monkeypatch.setattr(shutil, "rmtree", guard(shutil.rmtree))
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("unlink", "remove", "rmdir", "rename", "replace"):
+            patch.setattr(os, name, guard(getattr(os, name)))
+        patch.setattr(shutil, "rmtree", guard(shutil.rmtree))
+        yield
 
 
 def temporaries(folder: Path) -> list[str]:
