@@ -36,12 +36,12 @@ def shapes_digest(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def spelled(value: Any) -> str | None:
     """``value`` as canonical JSON, or None where JSON cannot spell it exactly: an object, NaN,
-    or a value that reads back as another (a tuple as a list)."""
+    or a value that reads back as another (a tuple as a list), or one nested too deep to spell."""
     try:
         text = json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError):
+        return text if json.loads(text) == value else None
+    except (TypeError, ValueError, RecursionError):
         return None
-    return text if json.loads(text) == value else None
 
 
 @dataclass

@@ -10,6 +10,7 @@ shapes, and every ECA uses the sigmoid gate of timm's ``EcaModule``.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,8 @@ def _built_digest(model_name: str, kwargs: dict[str, Any], facts: BuildFacts) ->
     (kwargs JSON cannot spell exactly, every time), and the cache folder (``facts``) corrected
     to it; no weights are made."""
     key = spelled([model_name, kwargs])
-    if key is not None and key in _BUILT:
-        digest = _BUILT[key]
-    else:
+    digest = _memo(key)
+    if digest is UNKNOWN:
         try:
             digest = shapes_digest(_shapes(create_model(model_name, meta=True, **kwargs)))
         except Exception:  # noqa: BLE001 - a family that cannot take the argument is simply not native
@@ -139,9 +139,16 @@ def _built_digest(model_name: str, kwargs: dict[str, Any], facts: BuildFacts) ->
 def _ruled_out(model_name: str, kwargs: dict[str, Any], facts: BuildFacts, target: str) -> bool:
     """Whether an earlier build of this candidate (in this process, else as the cache folder
     says) gave other shapes than ``target``: it is then not tried again."""
-    key = spelled([model_name, kwargs])
-    known = _BUILT[key] if key is not None and key in _BUILT else facts.native(kwargs)
+    known = _memo(spelled([model_name, kwargs]))
+    if known is UNKNOWN:
+        known = facts.native(kwargs)
     return known is not UNKNOWN and known != target
+
+
+def _memo(key: str | None) -> str | None | object:
+    """What ``_BUILT`` holds for ``key``, or ``UNKNOWN``: read in one step, since another
+    thread's convert may empty it between a membership test and a read."""
+    return UNKNOWN if key is None else _BUILT.get(key, UNKNOWN)
 
 
 def find_native(
@@ -166,7 +173,8 @@ def find_native(
             continue
         if _built_digest(model_name, candidates[index], facts) == target:
             _FAMILY[type(patched)] = index
-            return {"model": model_name, "kwargs": candidates[index]}
+            # a copy: the caller's nested kwargs (a list) changed later must not change the record
+            return {"model": model_name, "kwargs": copy.deepcopy(candidates[index])}
     return None
 
 

@@ -456,8 +456,11 @@ def _before_work(job: _Job, outputs: _Outputs, dry_run: bool) -> None:
 
 
 def _source(model: str | nn.Module, model_kwargs: dict[str, Any], timm_dir: str | Path | None) -> Source:
-    """The source of ``model``; a model object refuses ``timm_dir`` (timm cannot build it)."""
+    """The source of ``model``; a model object refuses ``timm_dir`` (timm cannot build it). Its
+    kwargs are a copy (checked values, so plain data): a list the caller changes after ``convert``
+    must not change the kwargs that the conversion records and saves."""
     source = Source.of(model, model_kwargs)
+    source = replace(source, kwargs=copy.deepcopy(source.kwargs))
     if timm_dir is not None and not source.by_name:
         raise SurgeryError(NOT_BY_NAME.format(model=source.name))
     if timm_dir is not None and source.library != TIMM:

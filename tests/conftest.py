@@ -33,6 +33,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """A module-scoped fixture (many convert) runs before ``_scan_cache``: the cache folder it
+    writes is this session's, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ECA_SURGERY_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _scan_cache(tmp_path_factory, monkeypatch):
     """Each test scans with an empty cache of its own, never the user's."""
