@@ -34,11 +34,14 @@ Every run starts after ``os.sync()``, with no dirty pages left by the run before
 fsyncs what it writes (and so pays for its own write-back), the naive and floor paths do not
 (the durable floor does). The children's cache folder is one in the benchmark's temp folder.
 Every original tensor of every converted output is compared bitwise with the checkpoint's.
-The tables are printed and written to ``benchmarks/results/convert_speed.md``.
+The tables are printed and written to ``benchmarks/results/convert_speed.md``. By default each
+run replaces the output its path wrote the round before (as ``--force`` does); ``--fresh``
+removes it first (untimed, before the ``os.sync()``), so that each run writes a new file.
 
     python benchmarks/convert_speed.py                       # seresnext101_32x8d
     python benchmarks/convert_speed.py seresnextaa201d_32x8d --repeats 3
     python benchmarks/convert_speed.py --dir /dev/shm --out /tmp/shm.md   # in memory: no disk
+    python benchmarks/convert_speed.py --fresh --out /tmp/fresh.md        # every output a new file
 """
 
 from __future__ import annotations
@@ -240,6 +243,12 @@ def main() -> None:
     parser.add_argument(
         "--dir", type=Path, default=None, help="Folder for the files (default: the system's temp folder)"
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="remove each path's output before its run (untimed), so that every run writes a new file "
+        "rather than replacing the one its path wrote the round before",
+    )
     args = parser.parse_args()
 
     # this process imports torch only after the runs: a child forked from a process holding a
@@ -255,6 +264,8 @@ def main() -> None:
         paths = WORK + WHOLE
         for repeat in range(args.repeats):  # each round starts one path later: no path always follows another
             for path in paths[repeat:] + paths[:repeat]:
+                if args.fresh and path not in ("load_patched", "verify", "meta+read"):
+                    (tmp / f"{path.replace(' ', '-')}.safetensors").unlink(missing_ok=True)
                 results[path].append(run(path, args.model, ckpt, tmp))
         same, compared = identical(tmp, ckpt)
         dry_read = dry_run_bytes(args.model, ckpt, tmp)
@@ -265,7 +276,8 @@ def main() -> None:
     lines = [
         f"{args.model}: checkpoint {size_mb:.0f} MiB, {args.repeats} interleaved runs per path, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
-        f"files in {args.dir or tempfile.gettempdir()}",
+        f"files in {args.dir or tempfile.gettempdir()}"
+        + (", each output removed before its run (--fresh)" if args.fresh else ", each output replaced"),
         "",
         "Work only (imports excluded):",
         "",
