@@ -185,13 +185,14 @@ class CacheFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(body, separators=(",", ":")), encoding="utf-8")
             os.replace(tmp, self.path)
-        except BaseException as exc:  # a signal as it writes, too: no temporary is left behind
+        except OSError as exc:
             _discard(tmp)
-            if not isinstance(exc, OSError):
-                raise
             return (
                 f"The scan cache could not be written to {str(self.path.parent)[:200]!r} "
                 f"({exc.strerror or exc}); this scan was not cached. Set {CACHE_ENV} to a writable folder."
             )
+        except BaseException:  # a signal as it writes, too: no temporary is left behind
+            _discard(tmp)
+            raise
         self.dirty = False
         return None
