@@ -1,9 +1,11 @@
 """Convert time and peak memory: eca-surgery vs the naive path vs the I/O floor.
 
 Two tables, from one run, every path in its own fresh process (peak RSS is per process),
-paths interleaved, ``--repeats`` times each (each round in an order turned by one, so that no
+paths interleaved, ``--repeats`` rounds (each round in an order turned by one, so that no
 path always runs after the same one, which on a disk leaves it its freed blocks to discard);
-min and median wall time, ratios of medians.
+min and median wall time, and each ratio as the median over rounds of that round's ratio (a
+path against the naive path or the floor of the same round, a minute apart at most, so that
+a slow stretch of the shared machine weighs on both sides of a ratio).
 
 Work only (each process first pays the imports every path pays: torch, timm, safetensors,
 eca_surgery; then times only the work):
@@ -217,8 +219,12 @@ def identical(tmp: Path, ckpt: Path) -> tuple[bool, int]:
     return same and all(out.keys() == outputs[0].keys() for out in outputs), len(kept)
 
 
+def ratios(results: dict, path: str, base: str) -> list[float]:
+    """``path``'s time over ``base``'s, round by round."""
+    return [r["seconds"] / b["seconds"] for r, b in zip(results[path], results[base], strict=True)]
+
+
 def table(paths: tuple[str, ...], results: dict, base: str, floor: str) -> list[str]:
-    median = {p: statistics.median(r["seconds"] for r in results[p]) for p in paths}
     lines = [
         f"| path | min s | median s | vs {base} | vs {floor} | peak RSS MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -227,8 +233,9 @@ def table(paths: tuple[str, ...], results: dict, base: str, floor: str) -> list[
         secs = [r["seconds"] for r in results[p]]
         rss = max(r["peak_rss_mb"] for r in results[p])
         lines.append(
-            f"| {LABELS[p]} | {min(secs):.2f} | {median[p]:.2f} | {median[p] / median[base]:.2f} | "
-            f"{median[p] / median[floor]:.2f} | {rss:.0f} |"
+            f"| {LABELS[p]} | {min(secs):.2f} | {statistics.median(secs):.2f} | "
+            f"{statistics.median(ratios(results, p, base)):.2f} | "
+            f"{statistics.median(ratios(results, p, floor)):.2f} | {rss:.0f} |"
         )
     return lines
 
@@ -282,6 +289,12 @@ def main() -> None:
         "Work only (imports excluded):",
         "",
         *table(WORK, results, "naive", "floor"),
+        "",
+        "Round by round, eca-surgery as the CLI runs it against the floor: "
+        + " ".join(f"{x:.2f}" for x in ratios(results, "ours", "floor"))
+        + "; against the durable floor: "
+        + " ".join(f"{x:.2f}" for x in ratios(results, "ours", "floor-fsync"))
+        + ".",
         "",
         "Whole process (imports included):",
         "",
