@@ -37,7 +37,8 @@ fsyncs what it writes (and so pays for its own write-back), the naive and floor 
 (the durable floor does). The children's cache folder is one in the benchmark's temp folder.
 Every original tensor of every converted output is compared bitwise with the checkpoint's.
 The tables are printed and written to ``benchmarks/results/convert_speed.md``. By default each
-run replaces the output its path wrote the round before (as ``--force`` does); ``--fresh``
+run replaces the output its path wrote the round before (as ``--force`` does; before the first
+round each path's output is a copy of the checkpoint, untimed); ``--fresh``
 removes it first (untimed, before the ``os.sync()``), so that each run writes a new file.
 
     python benchmarks/convert_speed.py                       # seresnext101_32x8d
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,6 +269,9 @@ def main() -> None:
         size_mb = ckpt.stat().st_size / 2**20
         os.environ["ECA_SURGERY_CACHE"] = str(tmp / "cache")  # the children's, not the user's
         run("ours", args.model, ckpt, tmp)  # fills it, untimed: see "ours"
+        if not args.fresh:  # the first round replaces a file too, as every later one does
+            for path in ("naive", "ours-cold", "ours-core", "floor", "floor-fsync", *WHOLE):
+                shutil.copyfile(ckpt, tmp / f"{path.replace(' ', '-')}.safetensors")
         results: dict[str, list[dict]] = {p: [] for p in WORK + WHOLE}
         paths = WORK + WHOLE
         for repeat in range(args.repeats):  # each round starts one path later: no path always follows another
