@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -69,11 +70,31 @@ def _context(preload: list[str]) -> Any:
 def warm_up(preload: list[str]) -> None:
     """Start the fork server (where the platform has one) now, so that its imports of
     ``preload`` run while this process does other work; workers started later fork from it."""
-    ctx = _context(preload)
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    _start_server(_context(preload))
 
-        forkserver.ensure_running()
+
+def _start_server(ctx: Any) -> None:
+    """Start ``ctx``'s fork server (where it has one) with SIGINT ignored, which it keeps
+    (Python installs no KeyboardInterrupt handler then): a Ctrl-C to the process group
+    while it imported the preload modules was a KeyboardInterrupt traceback from it, below
+    this process's own message. SIGINT is blocked here meanwhile, so a Ctrl-C that comes
+    as the server starts is this process's once the handler is back, not lost."""
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        forkserver.ensure_running()  # signal handlers are the main thread's to change
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _start(ctx: Any, task: Callable[[str], Any]) -> _Worker:
@@ -118,6 +139,7 @@ class WorkerPool:
         """``(name, task(name))`` for every name, in the order they finish; a
         :class:`Crashed` in place of the result where the worker died or hung."""
         todo = deque(names)
+        _start_server(self.ctx)
         try:
             self.workers = [_start(self.ctx, self.task) for _ in range(min(self.jobs, len(todo)))]
             while self.workers and (todo or any(w.name is not None for w in self.workers)):
