@@ -82,8 +82,10 @@ def _file_size(path: Path) -> int:
     found = stat_input(path, "Checkpoint", CheckpointError)
     if path.is_dir():
         raise CheckpointError(f"Checkpoint {str(path)!r} is a folder; pass the weights file in it.")
-    if found is None or not path.is_file():
+    if found is None:
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist; check the path.")
+    if not path.is_file():  # a FIFO or a device: never opened, so never waited on nor read
+        raise CheckpointError(f"Checkpoint {str(path)!r} is not a regular file; pass the weights file.")
     return found.st_size
 
 
@@ -92,9 +94,12 @@ def _header_tensors(header: object, data_size: int) -> dict[str, torch.Tensor]:
     bytes; a ValueError where an entry is malformed or the offsets do not tile the data."""
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
-    metadata = header.get("__metadata__", {})
+    metadata = header.get("__metadata__")
+    metadata = {} if metadata is None else metadata  # safetensors reads a null one as none
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("its __metadata__ is not a mapping of strings to strings")
+    for text in (*header, *metadata, *metadata.values()):
+        text.encode("utf-8")  # a lone surrogate (a "\ud800" escape) is no UTF-8: safetensors refuses it
     tensors, spans = {}, []
     for name in sorted(k for k in header if k != "__metadata__"):  # in safe_open's order
         tensors[name], span = _header_entry(name, header[name], data_size)
