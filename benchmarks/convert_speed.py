@@ -177,11 +177,16 @@ def timed(argv: list[str], log: Path) -> dict:
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "last": log.read_text().strip()}
 
 
+def output(tmp: Path, path: str) -> Path:
+    """The file ``path`` writes in ``tmp``."""
+    return tmp / f"{path.replace(' ', '-')}.safetensors"
+
+
 def run(path: str, name: str, ckpt: Path, tmp: Path) -> dict:
     """One run of ``path``; its seconds (work only for WORK, whole process for WHOLE) and peak RSS."""
     import json
 
-    out, log = tmp / f"{path.replace(' ', '-')}.safetensors", tmp / "log.txt"
+    out, log = output(tmp, path), tmp / "log.txt"
     if path in WORK:
         argv = [sys.executable, "-c", WORKER, path, name, str(ckpt), str(out), str(tmp / "ours.safetensors")]
         return json.loads(timed(argv, log)["last"].splitlines()[-1])  # the worker's own peak RSS
@@ -271,13 +276,13 @@ def main() -> None:
         run("ours", args.model, ckpt, tmp)  # fills it, untimed: see "ours"
         if not args.fresh:  # the first round replaces a file too, as every later one does
             for path in ("naive", "ours-cold", "ours-core", "floor", "floor-fsync", *WHOLE):
-                shutil.copyfile(ckpt, tmp / f"{path.replace(' ', '-')}.safetensors")
+                shutil.copyfile(ckpt, output(tmp, path))
         results: dict[str, list[dict]] = {p: [] for p in WORK + WHOLE}
         paths = WORK + WHOLE
         for repeat in range(args.repeats):  # each round starts one path later: no path always follows another
             for path in paths[repeat:] + paths[:repeat]:
                 if args.fresh and path not in ("load_patched", "verify", "meta+read"):
-                    (tmp / f"{path.replace(' ', '-')}.safetensors").unlink(missing_ok=True)
+                    output(tmp, path).unlink(missing_ok=True)
                 results[path].append(run(path, args.model, ckpt, tmp))
         same, compared = identical(tmp, ckpt)
         dry_read = dry_run_bytes(args.model, ckpt, tmp)
