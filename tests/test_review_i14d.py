@@ -115,15 +115,21 @@ def test_a_fifo_checkpoint_is_not_a_regular_file_and_is_never_opened(tmp_path):
 # ---- scan, stopped by signals ------------------------------------------------------------------
 
 
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """Process ``pid``'s state letter and parent, from /proc (None: gone, or no process)."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(ppid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _live_children(pid: int) -> list[int]:
     """The live (not zombie) processes whose parent is ``pid``, read from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
-        try:
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError, IndexError):
-            continue
-        if int(ppid) == pid and state != "Z":
+        stat = _stat(entry.name)
+        if stat is not None and stat[1] == pid and stat[0] != "Z":
             found.append(int(entry.name))
     return found
 
@@ -174,11 +180,8 @@ def test_scan_stopped_by_signals_at_random_moments_leaves_nothing_behind(tmp_pat
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 # ---- convert, into a filesystem that fills up ---------------------------------------------------
