@@ -38,7 +38,8 @@ fsyncs what it writes (and so pays for its own write-back), the naive and floor 
 Every original tensor of every converted output is compared bitwise with the checkpoint's.
 The tables are printed and written to ``benchmarks/results/convert_speed.md``. By default each
 run replaces the output its path wrote the round before (as ``--force`` does; before the first
-round each path's output is a copy of the checkpoint, untimed); ``--fresh``
+round each path's output that the untimed convert did not write is an untimed copy of the
+checkpoint); ``--fresh``
 removes it first (untimed, before the ``os.sync()``), so that each run writes a new file.
 
     python benchmarks/convert_speed.py                       # seresnext101_32x8d
